@@ -16,6 +16,7 @@ import os
 import numpy as np
 from astropy.visualization import simple_norm
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 FIG_DPI = 110  # dots per inch of saved PNGs
 ASINH_PERCENT = 99.5  # per cent of pixels inside the display range of image stamps
@@ -63,7 +64,8 @@ def binned_median(
     x, y : (N,) float
         Abscissa and values; non-finite pairs are ignored.
     bins : (M + 1,) float
-        Bin edges in the units of ``x``.
+        Increasing bin edges in the units of ``x``; bins are ``[lo, hi)``, the last one
+        ``[lo, hi]``; points outside are ignored.
     min_count : int
         Bins with fewer points give NaN.
 
@@ -80,8 +82,9 @@ def binned_median(
         raise ValueError(f"x {x.shape} and y {y.shape} must have the same shape")
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
-    idx = np.digitize(x, bins) - 1
     n_bins = len(bins) - 1
+    idx = np.searchsorted(bins, x, side="right") - 1
+    idx[x == bins[-1]] = n_bins - 1  # the last bin includes its right edge
     med = np.full(n_bins, np.nan)
     counts = np.zeros(n_bins, dtype=np.int64)
     for i in range(n_bins):
@@ -146,7 +149,8 @@ def fig_error_vs_dmag_edge(
     """Paper fig. 6: prediction error vs magnitude change and vs distance to the tile edge.
 
     The paper puts the error on a logarithmic axis; here it is the (log) y axis so that the
-    binned medians (black line) read as a function of dmag or edge distance.
+    binned medians (black line, equal-count bins) read as a function of dmag or edge
+    distance.
 
     Parameters
     ----------
@@ -157,7 +161,7 @@ def fig_error_vs_dmag_edge(
     edge_dist : (N,) float
         Distance of the true position to the nearest tile edge (px).
     n_bins : int
-        Number of bins for the medians.
+        Number of equal-count bins for the medians (fewer where values repeat).
     """
     distance = np.asarray(distance, dtype=np.float64)
     fig = Figure(figsize=(12, 4.8))
@@ -174,11 +178,16 @@ def fig_error_vs_dmag_edge(
         ax.scatter(x, y, s=8, alpha=0.5, color="tab:blue", label="test tiles")
         finite = x[np.isfinite(x)]
         if finite.size:
-            lo, hi = float(finite.min()), float(finite.max())
-            edges = np.linspace(lo, hi if hi > lo else lo + 1.0, n_bins + 1)
+            # equal-count bins (quantiles); a constant x gets one bin around it
+            edges = np.unique(np.quantile(finite, np.linspace(0, 1, n_bins + 1)))
+            if edges.size < 2:
+                edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
             c, m, _ = binned_median(x, y, edges)
-            ax.plot(c, m, "o-", color="k", label="binned median")
+            ax.plot(c, m, "o-", color="k", label=f"median in {edges.size - 1} equal-count bins")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.axhline(2.0, color="tab:red", ls="--", lw=1, label="2 px")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("distance predicted - true (px, log)")

@@ -1,0 +1,273 @@
+"""``python -m rtcnn.evaluate ckpt_path=<run>/checkpoints/<file>.ckpt [data=...]``.
+
+Turns a trained localisation model into the paper's report (figures 4 to 7 and the
+numbers), written to a new directory ``<run>/eval/<date>_<time>/`` of the checkpoint's run
+(the nearest parent holding ``.hydra/``, else the parent of ``checkpoints/``); a previous
+evaluation is never overwritten. ``eval_root=DIR`` puts the new ``<date>_<time>/`` under
+``DIR`` instead of ``<run>/eval``.
+
+Files: ``metrics.json`` (per split: within 1/2/5 px, distance mean / std / median / max,
+dmag errors where the model predicts dmag, counts; the test subset with S/N >= 10; the
+robustness summary), ``predictions.ecsv`` and ``robustness.ecsv`` (astropy, with units),
+``error_distribution.png``, ``error_vs_dmag_edge.png``, ``best_worst_tiles.png``,
+``robustness.png``, plus Hydra's ``.hydra/`` and ``evaluate.log``.
+
+The model class is ``model._target_`` of the composed config (``conf/eval.yaml``), its
+weights and hyperparameters come from the checkpoint (``load_from_checkpoint``). The data
+set is the run's own ``data`` config (``<run>/.hydra/config.yaml``) unless ``data`` is
+overridden on the command line; without a run config, the composed ``data`` group.
+All logic is in :mod:`rtcnn.report` and the functions below; ``main`` only wires them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from rtcnn import plots, report
+from rtcnn.errors import RtcnnInputError, cli_main
+
+log = logging.getLogger(__name__)
+
+EVAL_SUBDIR = "eval"  # evaluations of a run go to <run>/eval/<timestamp>/
+RUN_CONFIG = Path(".hydra") / "config.yaml"  # a Hydra run's composed config
+RUN_SEARCH_DEPTH = 4  # parents of the checkpoint searched for the run directory
+SPLITS = ("val", "test")  # splits evaluated; robustness and figures use "test"
+
+
+def run_dir_of(ckpt_path: str | Path) -> Path:
+    """The training run directory that holds ``ckpt_path``.
+
+    The nearest of the first :data:`RUN_SEARCH_DEPTH` parents that holds ``.hydra/``;
+    else the parent of a ``checkpoints/`` folder; else the checkpoint's folder.
+    """
+    ckpt = Path(ckpt_path).resolve()
+    for parent in list(ckpt.parents)[:RUN_SEARCH_DEPTH]:
+        if (parent / RUN_CONFIG).is_file():
+            return parent
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def new_eval_dir(
+    run_dir: str | Path, subdir: str = EVAL_SUBDIR, now: _dt.datetime | None = None
+) -> Path:
+    """A not yet existing ``<run_dir>/<subdir>/<YYYY-mm-dd_HH-MM-SS>[_N]`` (not created)."""
+    stamp = (now or _dt.datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
+    base = Path(run_dir) / subdir / stamp
+    out, i = base, 1
+    while out.exists():
+        out, i = base.with_name(f"{stamp}_{i}"), i + 1
+    return out
+
+
+def _eval_dir_resolver(ckpt_path: str | None, eval_root: str | None, fallback: str) -> str:
+    """Hydra ``run.dir`` of an evaluation: a new ``<date>_<time>`` dir under ``eval_root``.
+
+    ``eval_root`` defaults to ``<run>/eval`` of the checkpoint; for a missing checkpoint
+    it is ``fallback`` (only Hydra's log lands there; the command then stops with a
+    one-line error).
+    """
+    if eval_root not in (None, "", "None"):
+        return str(new_eval_dir(eval_root, subdir=""))
+    if ckpt_path and Path(ckpt_path).is_file():
+        return str(new_eval_dir(run_dir_of(ckpt_path)))
+    return str(new_eval_dir(fallback, subdir=""))
+
+
+OmegaConf.register_new_resolver("rtcnn_eval_dir", _eval_dir_resolver, replace=True, use_cache=True)
+
+
+def check_checkpoint(ckpt_path) -> Path:
+    """Check that ``ckpt_path`` is a readable Lightning checkpoint; return it as a Path.
+
+    Raises
+    ------
+    RtcnnInputError
+        Not given, missing, a directory, unreadable by ``torch.load`` or without a
+        ``state_dict``.
+    """
+    if ckpt_path in (None, "", "???"):
+        raise RtcnnInputError("ckpt_path", "no checkpoint given; pass ckpt_path=<run>/checkpoints/<file>.ckpt")
+    path = Path(str(ckpt_path))
+    if not path.exists():
+        raise RtcnnInputError(path, "checkpoint not found")
+    if not path.is_file():
+        raise RtcnnInputError(path, "checkpoint is not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise RtcnnInputError(path, f"not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise RtcnnInputError(path, "not a Lightning checkpoint (no 'state_dict')")
+    return path
+
+
+def load_module(model_cfg: DictConfig, ckpt_path: str | Path, device: str = "cpu"):
+    """Load the LightningModule class ``model_cfg._target_`` from ``ckpt_path`` (eval mode)."""
+    cls = hydra.utils.get_class(model_cfg._target_)
+    try:
+        module = cls.load_from_checkpoint(str(ckpt_path), map_location=device)
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise RtcnnInputError(
+            ckpt_path, f"does not load into {model_cfg._target_} ({str(err).splitlines()[0]})"
+        ) from None
+    return module.eval()
+
+
+def data_config(cfg: DictConfig, ckpt_path: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The ``data`` config to evaluate on: the run's own, unless ``data`` is overridden."""
+    overridden = any(o.lstrip("+~").split("=")[0].split(".")[0] == "data" for o in overrides)
+    run_cfg = run_dir_of(ckpt_path) / RUN_CONFIG
+    if overridden or not run_cfg.is_file():
+        return cfg.data
+    saved = OmegaConf.load(run_cfg)
+    if "data" not in saved:
+        return cfg.data
+    merged = OmegaConf.merge(cfg, {"data": saved.data})  # interpolations resolve against cfg
+    log.info("data config from %s", run_cfg)
+    return merged.data
+
+
+def split_loader(datamodule, split: str):
+    """``datamodule``'s dataloader for ``split`` ('val' or 'test'), set up for it."""
+    stage = {"val": "validate", "test": "test"}[split]
+    datamodule.setup(stage)
+    return getattr(datamodule, f"{split}_dataloader")()
+
+
+def write_report(
+    module: torch.nn.Module,
+    datamodule,
+    out_dir: str | Path,
+    splits: Sequence[str] = SPLITS,
+    views: Sequence[str] = report.PAPER_VIEWS,
+    device: str = "cpu",
+    meta: dict | None = None,
+    max_tiles: int | None = None,
+) -> dict:
+    """Evaluate ``module`` on ``datamodule`` and write every report file into ``out_dir``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Images (B, 2, n, n) -> (B, 2) (x, y) / n (optionally a 3rd column, dmag).
+    datamodule : LightningDataModule-like
+        Has ``setup(stage)``, ``val_dataloader()``, ``test_dataloader()``.
+    out_dir : path
+        Created if needed; must not hold a previous ``metrics.json``.
+    splits : sequence of str
+        Splits for ``metrics.json``; the last one ("test") gets the tables and figures.
+    views : sequence of str
+        D4 views of the robustness test (first "identity").
+    device : str
+        Torch device of the forward passes.
+    meta : dict
+        Extra provenance written into ``metrics.json`` and the tables (checkpoint...).
+    max_tiles : int or None
+        Limit per split (None: all tiles).
+
+    Returns
+    -------
+    dict
+        The content of ``metrics.json``.
+    """
+    out = Path(out_dir)
+    if (out / "metrics.json").exists():
+        raise RtcnnInputError(out, "already holds an evaluation (metrics.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    module = module.to(device)
+    result: dict = {**meta, "splits": {}}
+    test = None
+    for split in splits:
+        report_split = split == splits[-1]
+        pred = report.predict_split(
+            module, split_loader(datamodule, split),
+            views=tuple(views) if report_split else ("identity",),
+            device=device, max_tiles=max_tiles,
+        )
+        result["splits"][split] = report.split_metrics(pred)
+        bright = pred.snr >= report.SNR_CUT
+        result["splits"][f"{split}_snr{report.SNR_CUT:g}"] = report.split_metrics(pred, bright)
+        if report_split:
+            test = pred
+    result["robustness"] = report.robustness_summary(test)
+    table_meta = {**meta, "split": splits[-1]}
+    report.predictions_table(test, table_meta).write(out / "predictions.ecsv", format="ascii.ecsv")
+    report.robustness_table(test, table_meta).write(out / "robustness.ecsv", format="ascii.ecsv")
+    for name, fig in report.report_figures(test).items():
+        plots.save_figure(fig, out / f"{name}.png")
+    with open(out / "metrics.json", "w") as fh:
+        json.dump(_jsonable(result), fh, indent=2)
+    return result
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def metric_lines(result: dict) -> list[str]:
+    """One human-readable line per split of a ``metrics.json`` dict."""
+    lines = []
+    for split, m in result["splits"].items():
+        lines.append(
+            f"{split}: n={m['n_tiles']} within1px={m['within1px']:.3f} "
+            f"within2px={m['within2px']:.3f} within5px={m['within5px']:.3f} "
+            f"mean={m['dist_mean']:.2f} std={m['dist_std']:.2f} "
+            f"median={m['dist_median']:.2f} max={m['dist_max']:.2f} px"
+        )
+    r = result["robustness"]
+    lines.append(
+        f"robustness ({len(r['views'])} views): median of per-tile median "
+        f"{r['median_of_median_px']:.2f} px, median of per-tile std {r['median_of_std_px']:.2f} px, "
+        f"all views within 2 px: {r['all_views_within2px']:.3f}"
+    )
+    return lines
+
+
+def evaluate(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """The whole command for a composed config: check, load, evaluate, write."""
+    ckpt = check_checkpoint(OmegaConf.select(cfg, "ckpt_path", default=None))
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = load_module(cfg.model, ckpt, device)
+    data_cfg = data_config(cfg, ckpt, overrides)
+    datamodule = hydra.utils.instantiate(data_cfg)
+    meta = {"checkpoint": str(ckpt.resolve()), "run_dir": str(run_dir_of(ckpt)),
+            "data": OmegaConf.to_container(data_cfg, resolve=True),
+            "model": cfg.model._target_}
+    result = write_report(module, datamodule, out_dir, splits=list(cfg.splits),
+                          views=list(cfg.views), device=device, meta=meta,
+                          max_tiles=cfg.max_tiles)
+    for line in metric_lines(result):
+        log.info(line)
+    log.info("report written to %s", out_dir)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@cli_main
+def main(cfg: DictConfig) -> None:
+    """Entry point: ``python -m rtcnn.evaluate ckpt_path=... [data=...] [eval_root=...]``."""
+    hc = HydraConfig.get()
+    evaluate(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The evaluation report: robustness mapping (oracle model), tables, files, the command."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from astropy.table import Table
+from numpy.testing import assert_allclose
+
+from rtcnn import augment, evaluate, report
+
+TILE = 64  # px
+SIGMA = 1.5  # px, Gaussian width of the synthetic sources
+
+
+def _gaussian(xy, n=TILE, sigma=SIGMA, flux=100.0):
+    yy, xx = np.mgrid[0:n, 0:n]
+    return flux * np.exp(-((xx - xy[0]) ** 2 + (yy - xy[1]) ** 2) / (2 * sigma**2))
+
+
+def _batches(n_tiles=10, batch_size=4, seed=0):
+    """Tiles of the data contract: a static star in both images, a transient in 'new'."""
+    rng = np.random.default_rng(seed)
+    true = rng.uniform(8, TILE - 9, (n_tiles, 2))  # sub-pixel, well inside the tile
+    images = np.zeros((n_tiles, 2, TILE, TILE), np.float32)
+    for i, xy in enumerate(true):
+        star = _gaussian(rng.uniform(8, TILE - 9, 2), flux=300.0)
+        images[i, 0] = star
+        images[i, 1] = star + _gaussian(xy)
+    out = []
+    for s in range(0, n_tiles, batch_size):
+        sl = slice(s, s + batch_size)
+        b = len(true[sl])
+        out.append({
+            "image": torch.from_numpy(images[sl]),
+            "target": torch.from_numpy(true[sl] / TILE).float(),
+            "pair": [f"pair_{s + j:04d}" for j in range(b)],
+            "origin": torch.tensor([[54 * (s + j), 108] for j in range(b)]),
+            "dmag_sel": torch.full((b,), -1.5),
+            "edge_dist": torch.from_numpy(np.minimum(true[sl] + 0.5, TILE - 0.5 - true[sl]).min(1)),
+            "mag": torch.full((b,), 22.0),
+            "snr": torch.linspace(5, 30, b),
+        })
+    return out, true
+
+
+class DifferenceCentroid(torch.nn.Module):
+    """Oracle: the intensity-weighted centroid of the positive difference new - ref.
+
+    Exact (to float precision) for an isolated noiseless Gaussian transient, and it
+    follows the transient under any D4 view, so it "knows" the truth in every view.
+    """
+
+    def __init__(self, with_dmag=False):
+        super().__init__()
+        self.with_dmag = with_dmag
+
+    def forward(self, x):
+        d = (x[:, 1] - x[:, 0]).clamp(min=0).double()
+        n = x.shape[-1]
+        ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        w = d.sum((1, 2))
+        xy = torch.stack([(d * xs).sum((1, 2)) / w, (d * ys).sum((1, 2)) / w], 1) / n
+        if self.with_dmag:
+            xy = torch.cat([xy, torch.full((len(xy), 1), -1.25, dtype=xy.dtype)], 1)
+        return xy.float()
+
+
+class ListDataModule:
+    """The LightningDataModule interface the report uses, over fixed batches."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.stages = []
+
+    def setup(self, stage):
+        self.stages.append(stage)
+
+    def val_dataloader(self):
+        return self.batches
+
+    def test_dataloader(self):
+        return self.batches
+
+
+def test_oracle_robustness_zero_under_all_views():
+    batches, true = _batches()
+    pred = report.predict_split(DifferenceCentroid(), batches, views=augment.PAPER_VIEWS)
+    assert pred.view_xy.shape == (len(true), 6, 2)
+    assert_allclose(pred.true_xy, true, atol=1e-5)
+    assert_allclose(pred.view_distance, 0.0, atol=1e-3)
+    table = report.robustness_table(pred)
+    assert_allclose(table["dist_median"], 0.0, atol=1e-3)
+    for g in augment.PAPER_VIEWS:
+        assert_allclose(np.median(table[f"dist_{g}"]), 0.0, atol=1e-3)
+
+
+def test_oracle_robustness_detects_wrong_inverse(monkeypatch):
+    # the test above has power: mapping back with the forward map instead of the inverse
+    # leaves the rot90 / rot270 predictions far from the truth
+    batches, _ = _batches()
+    monkeypatch.setattr(report, "invert_coords", augment.apply_coords)
+    pred = report.predict_split(DifferenceCentroid(), batches, views=augment.PAPER_VIEWS)
+    med = np.median(pred.view_distance, axis=0)
+    assert med[augment.PAPER_VIEWS.index("rot90")] > 5.0
+    assert med[augment.PAPER_VIEWS.index("identity")] < 1e-3
+
+
+def test_predict_split_views_must_start_with_identity():
+    batches, _ = _batches(n_tiles=2)
+    with pytest.raises(ValueError, match="views must start with 'identity'"):
+        report.predict_split(DifferenceCentroid(), batches, views=("rot90", "identity"))
+
+
+def test_angle_convention_in_predictions_table():
+    # a model that always predicts 2 px above (+y, row index + 2) the true position
+    batches, true = _batches(n_tiles=4)
+
+    class Up(torch.nn.Module):
+        def forward(self, x):
+            return DifferenceCentroid()(x) + torch.tensor([0.0, 2.0 / TILE])
+
+    pred = report.predict_split(Up(), batches, views=("identity",))
+    table = report.predictions_table(pred)
+    assert_allclose(table["angle"], 90.0, atol=1e-2)
+    assert_allclose(table["distance"], 2.0, atol=1e-3)
+    assert table["angle"].unit == "deg"
+
+
+def test_extremes_are_best_and_worst():
+    batches, true = _batches(n_tiles=9)
+
+    class Biased(torch.nn.Module):  # error = 0.05 * true x (px): best = leftmost transient
+        def forward(self, x):
+            xy = DifferenceCentroid()(x)
+            return xy + torch.stack([0.05 * xy[:, 0], 0 * xy[:, 1]], 1)
+
+    pred = report.predict_split(Biased(), batches, views=("identity",), n_extremes=3)
+    ex = pred.extremes
+    order = np.argsort(true[:, 0])
+    assert ex["n_best"] == 3
+    assert ex["index"].tolist() == order[:3].tolist() + order[::-1][:3].tolist()
+    flat = torch.cat([b["image"] for b in batches]).numpy()
+    assert_allclose(ex["images"], flat[ex["index"]])  # the images kept are those tiles'
+
+
+def test_write_report_files_and_roundtrip(tmp_path):
+    batches, true = _batches(n_tiles=10)
+    dm = ListDataModule(batches)
+    result = evaluate.write_report(DifferenceCentroid(with_dmag=True), dm, tmp_path / "ev",
+                                   meta={"checkpoint": "oracle"})
+    out = tmp_path / "ev"
+    for name in ("metrics.json", "predictions.ecsv", "robustness.ecsv", "error_distribution.png",
+                 "error_vs_dmag_edge.png", "best_worst_tiles.png", "robustness.png"):
+        assert (out / name).is_file(), name
+    assert dm.stages == ["validate", "test"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["splits"]) == set(result["splits"]) == {"val", "test", "val_snr10",
+                                                                 "test_snr10"}
+    for split in ("val", "test"):
+        m = metrics["splits"][split]
+        assert m["n_tiles"] == 10 and m["within1px"] == 1.0 and m["dist_max"] < 1e-3
+        assert_allclose(m["dmag_mae"], 0.25, atol=1e-6)  # predicts -1.25, truth -1.5
+        assert_allclose(m["dmag_bias"], 0.25, atol=1e-6)
+    assert metrics["splits"]["test_snr10"]["n_tiles"] == 7  # snr 5 ... 30 per batch of 4/4/2
+    assert metrics["robustness"]["median_of_median_px"] < 1e-3
+    assert metrics["checkpoint"] == "oracle"
+
+    written = report.predictions_table(
+        report.predict_split(DifferenceCentroid(with_dmag=True), batches,
+                             views=("identity",)), {"checkpoint": "oracle", "split": "test"})
+    back = Table.read(out / "predictions.ecsv", format="ascii.ecsv")
+    assert back.colnames == written.colnames
+    for name in back.colnames:
+        assert back[name].unit == written[name].unit, name
+        if back[name].dtype.kind == "f":
+            assert_allclose(back[name], written[name], rtol=1e-12, err_msg=name)
+        else:
+            assert list(back[name]) == list(written[name]), name
+    assert back.meta["angle_convention"] == report.ANGLE_CONVENTION
+    assert str(back["x_true"].unit) == "pix" and str(back["dmag"].unit) == "mag"
+    # full-image = tile + origin
+    assert_allclose(back["x_true_image"], back["x_true"] + back["x0"])
+    assert_allclose(back["y_pred_image"], back["y_pred"] + back["y0"])
+
+    rob = Table.read(out / "robustness.ecsv", format="ascii.ecsv")
+    assert len(rob) == 10 and rob.meta["views"] == list(augment.PAPER_VIEWS)
+    assert {f"dist_{g}" for g in augment.PAPER_VIEWS} <= set(rob.colnames)
+
+    with pytest.raises(evaluate.RtcnnInputError, match="already holds an evaluation"):
+        evaluate.write_report(DifferenceCentroid(), dm, out)
+
+
+def test_run_dir_and_new_eval_dir(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("a: 1\n")
+    ckpt = run / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    assert evaluate.run_dir_of(ckpt) == run.resolve()
+    bare = tmp_path / "bare" / "checkpoints" / "x.ckpt"
+    assert evaluate.run_dir_of(bare) == (tmp_path / "bare").resolve()
+    first = evaluate.new_eval_dir(run)
+    assert first.parent == run / "eval"
+    first.mkdir(parents=True)
+    second = evaluate.new_eval_dir(run, now=None)
+    assert second != first and not second.exists()
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [(None, "checkpoint not found"), (b"not a checkpoint", "not a readable PyTorch checkpoint"),
+     ("nodict", "not a Lightning checkpoint")],
+)
+def test_check_checkpoint_errors(tmp_path, content, problem):
+    path = tmp_path / "model.ckpt"
+    if content == "nodict":
+        torch.save({"weights": 1}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(evaluate.RtcnnInputError, match=problem):
+        evaluate.check_checkpoint(path)
+    with pytest.raises(evaluate.RtcnnInputError, match="no checkpoint given"):
+        evaluate.check_checkpoint(None)
