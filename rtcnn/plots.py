@@ -157,7 +157,7 @@ def fig_error_vs_dmag_edge(
     distance : (N,) float
         Prediction error in px (values below 0.01 px are drawn at 0.01 px).
     dmag : (N,) float
-        Magnitude change of the transient, mag_new - mag_ref (mag).
+        Magnitude change of the transient, ``|mag_new - mag_ref|`` (mag, paper eq. 1).
     edge_dist : (N,) float
         Distance of the true position to the nearest tile edge (px).
     n_bins : int
@@ -166,7 +166,7 @@ def fig_error_vs_dmag_edge(
     distance = np.asarray(distance, dtype=np.float64)
     fig = Figure(figsize=(12, 4.8))
     panels = (
-        (dmag, "dmag = mag_new - mag_ref (mag)", "error vs magnitude change"),
+        (dmag, "dmag = |mag_new - mag_ref| (mag)", "error vs magnitude change"),
         (edge_dist, "distance of the transient to the tile edge (px)", "error vs edge distance"),
     )
     for i, (x, xlabel, title) in enumerate(panels, start=1):

@@ -110,6 +110,19 @@ def _meta(batch: dict, key: str, n: int) -> np.ndarray:
     return np.asarray(value, dtype=np.float64).reshape(n)
 
 
+def _take(batch: dict, keep: np.ndarray) -> dict:
+    """Rows ``keep`` ((B,) bool) of every per-tile entry of a batch."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.ndim and len(value) == len(keep):
+            out[key] = value[torch.from_numpy(keep).to(value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == len(keep):
+            out[key] = [v for v, k in zip(value, keep) if k]
+        else:
+            out[key] = value
+    return out
+
+
 class _Extremes:
     """Keep the images of the ``k`` smallest and ``k`` largest distances seen so far."""
 
@@ -167,6 +180,8 @@ def predict_split(
     max_tiles : int or None
         Stop after this many tiles (None: the whole loader).
 
+    Tiles whose target is not finite (no transient in the tile) are skipped.
+
     Returns
     -------
     SplitPredictions
@@ -181,12 +196,19 @@ def predict_split(
     seen = 0
     try:
         for batch in loader:
-            images = batch["image"].to(device=device, dtype=torch.float32)
-            b, n = images.shape[0], images.shape[-1]
+            n = batch["image"].shape[-1]
+            true_xy = batch["target"].detach().cpu().double().numpy() * n
+            keep = np.isfinite(true_xy).all(axis=1)  # tiles without a transient: skipped
             if max_tiles is not None:
-                b = min(b, max_tiles - seen)
-                images = images[:b]
-            true_xy = batch["target"][:b].detach().cpu().double().numpy() * n
+                keep &= np.cumsum(keep) <= max_tiles - seen
+            if not keep.all():
+                batch, true_xy = _take(batch, keep), true_xy[keep]
+            b = len(true_xy)
+            if b == 0:
+                if max_tiles is not None and seen >= max_tiles:
+                    break
+                continue
+            images = batch["image"].to(device=device, dtype=torch.float32)
             per_view = []
             for g in views:
                 out = module(apply_image(images, g)).detach().double().cpu()
@@ -198,13 +220,12 @@ def predict_split(
             view_xy = np.stack(per_view, axis=1)
             rows["view"].append(view_xy)
             rows["true"].append(true_xy)
-            rows["pair"].extend(list(batch.get("pair", ["?"] * b))[:b])
+            rows["pair"].extend(batch.get("pair", ["?"] * b))
             origin = batch.get("origin", torch.zeros(b, 2, dtype=torch.int64))
-            rows["origin"].append(np.asarray(torch.as_tensor(origin)[:b].cpu(), dtype=np.int64))
+            rows["origin"].append(np.asarray(torch.as_tensor(origin).cpu(), dtype=np.int64))
             for key, col in (("dmag_sel", "dmag"), ("mag", "mag"), ("snr", "snr"),
                              ("edge_dist", "edge")):
-                sliced = {key: batch[key][:b]} if key in batch else {}
-                rows[col].append(_meta(sliced, key, b))
+                rows[col].append(_meta(batch, key, b))
             dist = np.hypot(*(view_xy[:, 0] - true_xy).T)
             extremes.add(images.cpu().numpy().astype(np.float32), dist, seen)
             seen += b
@@ -217,7 +238,7 @@ def predict_split(
     view_xy = np.concatenate(rows["view"])
     true_xy = np.concatenate(rows["true"])
     edge = np.concatenate(rows["edge"])
-    edge = np.where(np.isfinite(edge), edge, edge_distance(true_xy, images.shape[-1]))
+    edge = np.where(np.isfinite(edge), edge, edge_distance(true_xy, n))
     dmag_pred = None if rows["dmag_pred"][0] is None else np.concatenate(rows["dmag_pred"])
     return SplitPredictions(
         pair=[str(p) for p in rows["pair"]],

@@ -224,3 +224,14 @@ def test_check_checkpoint_errors(tmp_path, content, problem):
         evaluate.check_checkpoint(path)
     with pytest.raises(evaluate.RtcnnInputError, match="no checkpoint given"):
         evaluate.check_checkpoint(None)
+
+
+def test_predict_split_skips_tiles_without_transient_and_limits():
+    batches, true = _batches(n_tiles=8)
+    batches[0]["target"][1] = float("nan")
+    pred = report.predict_split(DifferenceCentroid(), batches, views=("identity",))
+    assert len(pred) == 7 and pred.pair[1] == "pair_0002"
+    assert_allclose(pred.true_xy, np.delete(true, 1, axis=0), atol=1e-5)
+    limited = report.predict_split(DifferenceCentroid(), batches, views=("identity",),
+                                   max_tiles=5)
+    assert limited.pair == pred.pair[:5]
