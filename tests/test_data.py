@@ -399,3 +399,25 @@ def test_sim_datamodule_generates_then_reuses(tmp_path):
     assert (root / "pair_0000" / "ref.fits").stat().st_mtime_ns == mtime
     with pytest.raises(RtcnnInputError, match="size=128"):
         SimDataModule(str(root), **{**kw, "size": 256}).prepare_data()
+
+
+# --------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name,cls", [("sim", SimDataModule), ("fits", FitsDataModule)])
+def test_hydra_config_instantiates_with_every_argument(name, cls, tmp_path):
+    import inspect
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "data" / f"{name}.yaml"
+    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)},
+                            "data": OmegaConf.load(conf)})
+    args = set()
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("rtcnn"):
+            args |= {p for p in inspect.signature(klass.__init__).parameters
+                     if p not in ("self", "kwargs")}
+    assert args == set(cfg.data) - {"_target_", "_convert_"}
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, cls) and dm.root[0].startswith(str(tmp_path))
+    assert dm.index_config.stride == cfg.data.tile_size - cfg.data.tile_overlap
