@@ -259,18 +259,19 @@ def test_refuses_to_overwrite(tmp_path):
     assert sorted(p.name for p in (out / "pair_0000").iterdir()) == sorted(PAIR_FILES)
 
 
-def test_cli_end_to_end_and_refusal(tmp_path):
+def test_cli_end_to_end_and_refusal(tmp_path, capsys):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "rtcnn.sim", str(out), "--pairs", "1", "--size", "64",
-           "--mode", "epochs", "--seed", "5", "--sca", "4", "--no-progress"]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert "wrote 1 epochs pair(s)" in run.stdout
+    args = [str(out), "--pairs", "1", "--size", "64", "--mode", "epochs", "--seed", "5",
+            "--sca", "4", "--no-progress"]
+    assert main(args) == 0
+    assert "wrote 1 epochs pair(s)" in capsys.readouterr().out
     assert fits.getheader(out / "pair_0000" / "new.fits")["SCA"] == 4
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    # a real process: exit status 2 and exactly one line on stderr
+    again = subprocess.run([sys.executable, "-m", "rtcnn.sim", *args], cwd=REPO,
+                           capture_output=True, text=True)
     assert again.returncode == 2
-    assert again.stderr.strip() == (
-        f"rtcnn: error: {out / 'pair_0000'}: pair already exists; pass --overwrite to replace it"
+    assert again.stderr == (
+        f"rtcnn: error: {out / 'pair_0000'}: pair already exists; pass --overwrite to replace it\n"
     )
 
 

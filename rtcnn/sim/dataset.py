@@ -16,6 +16,25 @@ difference image is zero away from the changed objects. ``epochs``: two
 independent exposures (independent noise, a new-epoch PSF with extra defocus and
 a different jitter, unrejected cosmic rays in each) on the same pixel grid / WCS.
 
+Tables
+------
+``truth.ecsv``: one row per object whose flux changed -- ``id, x, y`` (0-based px),
+``ra, dec`` (deg), ``mag_ref, mag_new`` (AB, masked where absent), ``kind``
+(transient | variable), ``host_id`` (-1 = none), ``host`` (bool), ``dflux``
+(``F_new - F_ref``, e-/s) and ``snr``, the difference-image PSF-optimal S/N of the
+change (background-limited)::
+
+    snr = |F_new - F_ref| * sqrt(sum_i p_i**2) / sigma_diff
+
+with ``p_i`` the unit-flux pixelated PSF of the new image at the object's
+sub-pixel position and ``sigma_diff`` the background noise per pixel (e-/s) of the
+difference: ``sqrt(sigma_ref**2 + sigma_new**2)`` in epochs mode, ``sigma_new`` in
+inject mode (the reference noise is shared and cancels, so the S/N is quoted
+against one image's noise). ``sigma = sqrt(zodi + thermal + dark + RN**2) /
+exptime``; S/N = 5 is reached at ~25.8 AB (epochs) / ~26.2 AB (inject) in H158.
+``sources.ecsv``: every object drawn, same columns plus ``hlr`` (arcsec), ``g1``,
+``g2`` for galaxies, kind in star | galaxy | variable | transient.
+
 Reproducibility: pair ``i`` of seed ``K`` uses ``numpy.random.SeedSequence(K,
 spawn_key=(i,))`` only, headers carry no timestamps, so the same seed gives
 byte-identical files (on the same library versions).
@@ -296,7 +315,7 @@ def _hdulist(data, *, bkg, mjd, epoch, psf, n_cr, band, zp, pointing: Pointing, 
         ("SCAX0", pointing.x0, "[pix] 0-based SCA column of pixel [0, 0]"),
         ("SCAY0", pointing.y0, "[pix] 0-based SCA row of pixel [0, 0]"),
         ("MJD-OBS", mjd, "[d] MJD of the exposure (simulated, fixed)"),
-        ("DATE-OBS", render.mjd_to_datetime(mjd).isoformat(), "UTC date of the exposure (= MJD-OBS)"),
+        ("DATE-OBS", render.mjd_to_datetime(mjd).isoformat(), "UTC of the exposure (= MJD-OBS)"),
         ("IMAGE", epoch, "ref or new image of the pair"),
         ("SIMMODE", mode, "rtcnn.sim mode: inject or epochs"),
         ("SEED", seed, "rtcnn.sim data-set seed"),

@@ -16,7 +16,8 @@ Object kinds
   are hostless and placed uniformly.
 
 Counts scale with the area: ``N ~ Poisson(density * size**2 / 1e6)`` (densities
-per Mpix; at 0.11"/px 1 Mpix = 1e6 px = 1.21e4 arcsec**2 = 9.34e-4 deg**2), unless the count is given explicitly (``n_stars`` ...).
+per Mpix; at 0.11"/px 1 Mpix = 1e6 px = 1.21e4 arcsec**2 = 9.34e-4 deg**2),
+unless the count is given explicitly (``n_stars`` ...).
 Magnitudes follow ``dN/dm ~ 10**(slope * m)`` between the given limits; transient
 magnitudes are uniform so that the faint end reaches well below the detection
 limit (~26.2 AB in one 139.8 s H158 exposure) and completeness falls to zero.
@@ -166,7 +167,9 @@ def resolve_params(mode: str, size: int, **scene_kwargs: Any) -> dict[str, Any]:
         p["cosmic_ray_density"] = COSMIC_RAY_DENSITY[mode]
     p["cosmic_ray_density"] = float(p["cosmic_ray_density"])
     if p["cosmic_ray_density"] < 0:
-        raise RtcnnInputError(None, f"cosmic_ray_density must be >= 0, got {p['cosmic_ray_density']}")
+        raise RtcnnInputError(
+            None, f"cosmic_ray_density must be >= 0, got {p['cosmic_ray_density']}"
+        )
     if not _is_int(p["pupil_bin"]) or p["pupil_bin"] not in (1, 2, 4, 8):
         raise RtcnnInputError(None, f"pupil_bin must be 1, 2, 4 or 8, got {p['pupil_bin']!r}")
     for key in ("star_slope", "galaxy_slope", "galaxy_hlr_slope", "mjd", "field_ra", "field_dec",
