@@ -118,8 +118,16 @@ def catalog_from_sources(sources: Sources, wcs, meta: Mapping | None = None) -> 
     )
 
 
-def _atomic_write(path: Path, overwrite: bool, writer: Callable[[str], None]) -> Path:
-    """Write through ``writer(tmp_path)`` to a temporary file next to ``path``, then rename."""
+def atomic_write(path: str | os.PathLike, overwrite: bool, writer: Callable[[str], None]) -> Path:
+    """Write a file atomically: ``writer(tmp_path)`` writes a temporary file beside ``path``,
+    which is then renamed onto ``path`` (:func:`os.replace`); on failure it is removed.
+
+    Raises
+    ------
+    RtcnnInputError
+        ``path`` exists and ``overwrite`` is False, is a directory, or its directory is
+        missing (checked before ``writer`` runs).
+    """
     path = Path(path)
     if path.is_dir():
         raise RtcnnInputError(path, "is a directory; give a file name")
@@ -162,7 +170,7 @@ def write_catalog(table: Table, path: str | os.PathLike, overwrite: bool = False
     RtcnnInputError
         The file exists and ``overwrite`` is False, or its directory does not exist.
     """
-    return _atomic_write(
+    return atomic_write(
         Path(path), overwrite, lambda tmp: table.write(tmp, format="ascii.ecsv", overwrite=True)
     )
 
@@ -241,4 +249,4 @@ def write_ds9_regions(
         with open(tmp, "w") as fh:
             fh.write(text)
 
-    return _atomic_write(Path(path), overwrite, writer)
+    return atomic_write(Path(path), overwrite, writer)

@@ -298,3 +298,63 @@ def fig_robustness(median: np.ndarray, std: np.ndarray, n_views: int) -> Figure:
                  "back to the original frame", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------
+# Catalog scores (rtcnn.score): completeness against magnitude, methods overlaid
+# --------------------------------------------------------------------------------------
+
+
+def fig_completeness(
+    curves: dict[str, dict], m50: dict[str, float] | None = None, title: str = ""
+) -> Figure:
+    """Completeness of transients against their magnitude, one line per method.
+
+    Parameters
+    ----------
+    curves : dict
+        Method label → binned curve with ``lo``, ``hi`` (bin edges, AB mag), ``n``
+        (transients per bin) and ``completeness`` (0-1, NaN for empty bins), as
+        :func:`rtcnn.score.evaluate` returns in ``"curve"``.
+    m50 : dict, optional
+        Method label → m50 (AB mag), drawn as a dashed vertical line of the same colour.
+    title : str
+        Extra text for the title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Upper panel: completeness with binomial error bars; lower panel: the number of
+        transients per bin (the same for all methods scored on the same truth).
+    """
+    if not curves:
+        raise ValueError("no completeness curves to plot")
+    fig = Figure(figsize=(7.5, 6.0))
+    ax = fig.add_axes((0.11, 0.34, 0.85, 0.58))
+    axn = fig.add_axes((0.11, 0.09, 0.85, 0.18), sharex=ax)
+    for i, (label, cur) in enumerate(curves.items()):
+        lo = np.asarray(cur["lo"], dtype=np.float64)
+        hi = np.asarray(cur["hi"], dtype=np.float64)
+        n = np.asarray(cur["n"], dtype=np.float64)
+        comp = np.asarray(cur["completeness"], dtype=np.float64)
+        centre = 0.5 * (lo + hi)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            err = np.sqrt(comp * (1.0 - comp) / n)
+        color = f"C{i}"
+        m = m50.get(label) if m50 else None
+        text = label if m is None or not np.isfinite(m) else f"{label} (m50 = {m:.2f})"
+        ax.errorbar(centre, comp, yerr=err, fmt="o-", ms=4, lw=1.2, capsize=2, color=color,
+                    label=text)
+        if m is not None and np.isfinite(m):
+            ax.axvline(m, color=color, ls="--", lw=0.9)
+        if i == 0:
+            axn.bar(centre, n, width=0.9 * (hi - lo), color="0.6")
+    ax.axhline(0.5, color="0.5", lw=0.6, ls=":")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_ylabel("completeness (fraction of transients detected)")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("completeness vs magnitude" + (f" ({title})" if title else ""), fontsize=10)
+    ax.tick_params(labelbottom=False)
+    axn.set_xlabel("transient magnitude of the flux change (AB mag)")
+    axn.set_ylabel("transients")
+    return fig

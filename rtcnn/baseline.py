@@ -1,0 +1,545 @@
+"""Classical difference-image detection: the peer the neural detector has to beat.
+
+``python -m rtcnn.baseline REF NEW -o baseline.ecsv [--threshold N_SIGMA] [--fwhm PX]
+[--overwrite] [--regions out.reg]`` (or ``python -m rtcnn.baseline DATA_DIR -o NAME`` for
+every pair found under a directory / glob: one catalog per pair directory).
+
+Method (the textbook matched-filter search on a difference image)
+-----------------------------------------------------------------
+1. **Difference** ``D = new - ref`` on the common pixel grid (the simulator's pairs
+   share the WCS; other pairs must be registered first). If both headers carry a zero
+   point, the reference is scaled to the new image's zero point. NaN/inf pixels of
+   either image are masked.
+2. **Noise model** per pixel of ``D``:
+   ``var = sigma_bkg^2 + max(ref, 0) / t_ref + max(new, 0) / t_new + (eta * max(|ref|, |new|))^2``
+   with ``sigma_bkg`` the robust (1.4826 MAD) background noise of ``D``, the Poisson
+   term of the sources in e-/s (``t`` = ``EXPTIME`` in s; dropped when absent) and a
+   subtraction-residual floor ``eta`` (:data:`RESIDUAL_FRACTION`) that absorbs the
+   PSF mismatch between the epochs around bright objects.
+3. **Detection**: the PSF matched filter ``S/N = (D * K) / sqrt(var * K^2)`` with ``K``
+   the pixel-integrated Gaussian PSF of FWHM ``--fwhm``; local maxima of ``|S/N|``
+   (positive = brightened, negative = faded) above a pre-threshold
+   (:func:`rtcnn.postprocess.find_peaks`, then :func:`~rtcnn.postprocess.nms`).
+4. **Measurement**: a weighted least-squares fit of the pixel-integrated Gaussian PSF
+   (position, flux, constant) on a 5x5 stamp of ``D`` around each peak, all candidates
+   at once (vectorised Gauss-Newton: photutils' per-source fitters take milliseconds
+   per source and a full SCA has thousands of candidates, mostly cosmic rays). The
+   ``score`` is the fit's PSF S/N ``|F| / sigma_F``; a candidate is kept when
+   ``score >= threshold`` and the fit's reduced chi^2 (with a fractional model error
+   :data:`MODEL_ERROR`) is at most :data:`CHI2_MAX`, which rejects cosmic rays (one
+   or two hot pixels, not PSF-shaped).
+5. **dmag** = ``|m_ref - m_new|`` by aperture photometry of both images at the fitted
+   position with a local annulus background and the header zero point
+   (:func:`rtcnn.photometry.magdiff`, paper eq. 1-2; a lower limit where the object is
+   below 3 sigma in one image), ``brightened`` = the sign of the fitted flux change.
+
+Defaults and how they were tuned
+--------------------------------
+``--fwhm`` defaults to the Roman PSF FWHM of the header's ``BAND`` (:data:`ROMAN_FWHM_PX`,
+H158: 1.39 px); ``--threshold`` to :data:`BASELINE_THRESHOLD` = 5 sigma, the
+conventional alert threshold. ``RESIDUAL_FRACTION``, ``MODEL_ERROR``, ``CHI2_MAX`` and
+the FWHM scale were chosen on a *tuning* set (``python -m rtcnn.sim TUNE --mode epochs
+--seed 1001``, never the test seed) to maximise m50 at 10 false positives per SCA
+(``python -m rtcnn.score``), see the module constants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+from scipy import ndimage
+from scipy.special import erf
+
+from rtcnn.catalog import make_catalog, write_catalog, write_ds9_regions
+from rtcnn.errors import RtcnnInputError, cli_main
+from rtcnn.postprocess import find_peaks, nms
+
+BASELINE_THRESHOLD = 5.0  # sigma, minimum PSF S/N of a reported change (the conventional 5)
+# FWHM (px at 0.11"/px) of the Roman optical PSF convolved with the pixel, measured with
+# galsim.roman.getPSF(SCA 1, pupil_bin=8) at each band's effective wavelength.
+ROMAN_FWHM_PX = {
+    "R062": 1.105,
+    "Z087": 1.075,
+    "Y106": 1.105,
+    "J129": 1.252,
+    "H158": 1.393,
+    "F184": 1.530,
+    "K213": 1.740,
+    "W146": 1.334,
+}
+DEFAULT_BAND = "H158"  # band assumed when the header names none (or an unknown one)
+PIXEL_VARIANCE = 1.0 / 12.0  # px^2, variance of the unit pixel box (removed from the FWHM)
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))  # Gaussian sigma per FWHM
+MAD_TO_SIGMA = 1.4826  # Gaussian sigma per median absolute deviation
+NOISE_SAMPLE = 2_000_000  # pixels sampled (evenly strided) for the background MAD
+RESIDUAL_FRACTION = 0.02  # eta: subtraction-residual noise per unit of local flux (tuned)
+MODEL_ERROR = 0.15  # fractional PSF-model error in the fit's chi^2 (Gaussian vs Roman PSF)
+CHI2_MAX = 4.0  # maximum reduced chi^2 of the PSF fit (with MODEL_ERROR), tuned
+SHARP_SIGMA = 0.2  # px, Gaussian sigma of the "cosmic ray" profile (one or two pixels)
+SHARP_DCHI2 = 0.0  # reject when the sharp profile beats the PSF by more than this chi^2
+PRE_THRESHOLD = 0.8  # peaks of the S/N map are kept down to this fraction of the threshold
+FIT_HALF = 2  # px, the PSF fit uses a (2 FIT_HALF + 1)^2 stamp
+FIT_ITERATIONS = 8  # Gauss-Newton iterations of the PSF fit
+FIT_MAX_SHIFT = 1.5  # px, a fit moving further than this from its peak pixel is rejected
+PEAK_RADIUS = 2  # px, half-width of the local-maximum box on the S/N map
+NMS_RADIUS = 2.5  # px, peaks closer than this are one candidate
+
+
+# --------------------------------------------------------------------------- pieces
+def band_fwhm(band: str | None) -> float:
+    """Default PSF FWHM in px for a Roman band name (H158 when unknown)."""
+    return ROMAN_FWHM_PX.get((band or "").strip().upper(), ROMAN_FWHM_PX[DEFAULT_BAND])
+
+
+def psf_sigma(fwhm: float) -> float:
+    """Gaussian sigma (px) of the optical PSF whose pixel-convolved FWHM is ``fwhm`` px."""
+    s2 = (fwhm * FWHM_TO_SIGMA) ** 2 - PIXEL_VARIANCE
+    if s2 <= 0.05:
+        raise RtcnnInputError(None, f"--fwhm {fwhm} px is too small (must exceed ~0.9 px)")
+    return math.sqrt(s2)
+
+
+def _pixel_gauss(u: np.ndarray, sigma: float) -> np.ndarray:
+    """Integral over pixel ``[u - 0.5, u + 0.5]`` of a unit 1-D Gaussian centred at 0."""
+    k = 1.0 / (math.sqrt(2.0) * sigma)
+    return 0.5 * (erf((u + 0.5) * k) - erf((u - 0.5) * k))
+
+
+def psf_kernel_1d(fwhm: float) -> np.ndarray:
+    """1-D factor of the pixel-integrated Gaussian PSF, ``(2h + 1,)``, summing to ~1."""
+    sigma = psf_sigma(fwhm)
+    half = max(2, int(math.ceil(3.0 * sigma)))
+    return _pixel_gauss(np.arange(-half, half + 1, dtype=np.float64), sigma)
+
+
+def background_sigma(diff: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Robust per-pixel noise of a difference image: 1.4826 MAD of an even subsample."""
+    flat = diff.ravel()
+    good = np.isfinite(flat) if mask is None else (~mask.ravel() & np.isfinite(flat))
+    step = max(1, flat.size // NOISE_SAMPLE)
+    vals = flat[::step][good[::step]].astype(np.float64)
+    if vals.size < 100:
+        raise RtcnnInputError(None, "fewer than 100 unmasked pixels; cannot estimate the noise")
+    med = np.median(vals)
+    sigma = MAD_TO_SIGMA * np.median(np.abs(vals - med))
+    if not sigma > 0:
+        raise RtcnnInputError(None, "the difference image has zero noise (identical images?)")
+    return float(sigma)
+
+
+def difference_image(ref, new) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``new - ref`` with the reference put on the new image's zero point.
+
+    Parameters
+    ----------
+    ref, new : rtcnn.io.Image
+        Same shape and pixel grid.
+
+    Returns
+    -------
+    diff, ref_data, new_data : (ny, nx) float32
+        Difference and the two (scaled, NaN-filled with 0) images, e-/s.
+    mask : (ny, nx) bool or None
+        True where either image is bad.
+    """
+    scale = 1.0
+    if ref.zeropoint is not None and new.zeropoint is not None:
+        scale = 10.0 ** (0.4 * (new.zeropoint - ref.zeropoint))
+    r = ref.filled(0.0)
+    if scale != 1.0:
+        r *= np.float32(scale)
+    n = new.filled(0.0)
+    if ref.mask is None and new.mask is None:
+        mask = None
+    else:
+        mask = np.zeros(new.shape, dtype=bool)
+        for m in (ref.mask, new.mask):
+            if m is not None:
+                mask |= m
+    return n - r, r, n, mask
+
+
+def noise_variance(
+    diff: np.ndarray,
+    ref: np.ndarray,
+    new: np.ndarray,
+    exptime_ref: float | None,
+    exptime_new: float | None,
+    mask: np.ndarray | None = None,
+    residual_fraction: float = RESIDUAL_FRACTION,
+) -> tuple[np.ndarray, float]:
+    """Per-pixel variance of the difference image (see the module docstring).
+
+    Returns
+    -------
+    var : (ny, nx) float32
+        (e-/s)^2; masked pixels get ``inf``.
+    sigma_bkg : float
+        Background noise per pixel of the difference, e-/s.
+    """
+    sigma_bkg = background_sigma(diff, mask)
+    var = np.full(diff.shape, sigma_bkg**2, dtype=np.float32)
+    if exptime_ref:
+        var += np.clip(ref, 0.0, None) / np.float32(exptime_ref)
+    if exptime_new:
+        var += np.clip(new, 0.0, None) / np.float32(exptime_new)
+    if residual_fraction > 0:
+        var += (np.float32(residual_fraction) * np.maximum(np.abs(ref), np.abs(new))) ** 2
+    if mask is not None:
+        var[mask] = np.inf
+    return var, sigma_bkg
+
+
+def snr_map(diff: np.ndarray, var: np.ndarray, fwhm: float) -> np.ndarray:
+    """PSF matched-filter S/N of a point source centred on each pixel, ``(ny, nx) float32``.
+
+    ``(D * K) / sqrt(var * K^2)`` with the separable pixel-integrated Gaussian ``K``;
+    positive for brightening, negative for fading. Masked (``var = inf``) pixels add
+    nothing to the numerator and give S/N 0 wherever they fall inside ``K``.
+    """
+    k = psf_kernel_1d(fwhm).astype(np.float32)
+    bad = ~np.isfinite(var)
+    d = np.where(bad, 0.0, diff).astype(np.float32)
+    v = np.where(bad, 0.0, var).astype(np.float32)
+    num = ndimage.convolve1d(ndimage.convolve1d(d, k, axis=0, mode="constant"), k, axis=1,
+                             mode="constant")  # fmt: skip
+    k2 = k * k
+    den = ndimage.convolve1d(ndimage.convolve1d(v, k2, axis=0, mode="constant"), k2, axis=1,
+                             mode="constant")  # fmt: skip
+    if bad.any():
+        touched = ndimage.maximum_filter(bad, size=len(k))
+        den[touched] = np.inf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = num / np.sqrt(den)
+    snr[~np.isfinite(snr)] = 0.0
+    return snr
+
+
+def fit_psf(
+    diff: np.ndarray,
+    var: np.ndarray,
+    ix: np.ndarray,
+    iy: np.ndarray,
+    sigma: float,
+    half: int = FIT_HALF,
+    iterations: int = FIT_ITERATIONS,
+    model_error: float = MODEL_ERROR,
+) -> dict[str, np.ndarray]:
+    """Weighted least-squares PSF fit of all candidates at once.
+
+    Model on the ``(2 half + 1)^2`` stamp around pixel ``(ix, iy)``:
+    ``F * gx(i - x) * gy(j - y) + b``, with ``g`` the pixel-integrated Gaussian of the
+    PSF's sigma, weights ``1 / var``; Gauss-Newton from the peak pixel.
+
+    Parameters
+    ----------
+    diff, var : (ny, nx) float
+        Difference image and its variance (``inf`` = masked).
+    ix, iy : (N,) int
+        Peak pixels.
+    sigma : float
+        Gaussian sigma (px) of the profile before pixel integration
+        (:func:`psf_sigma` of the FWHM for the PSF).
+    half, iterations : int
+        Stamp half-width (px) and number of Gauss-Newton steps.
+    model_error : float
+        PSF model error as a fraction of the model's peak pixel, added in quadrature
+        to every pixel's noise in ``chi2``.
+
+    Returns
+    -------
+    dict of (N,) arrays
+        ``x``, ``y`` (px), ``flux``, ``flux_err`` (e-/s, total PSF flux), ``snr``
+        (``flux / flux_err``, signed), ``chi2`` (reduced, with the model error),
+        ``chi2_raw`` (sum, pure noise weights) and ``ok`` (bool: converged within
+        :data:`FIT_MAX_SHIFT` of the peak).
+    """
+    ix = np.asarray(ix, dtype=np.int64)
+    iy = np.asarray(iy, dtype=np.int64)
+    n = len(ix)
+    off = np.arange(-half, half + 1)
+    pad = half
+    dp = np.pad(np.asarray(diff, dtype=np.float64), pad, mode="constant")
+    vp = np.pad(np.asarray(var, dtype=np.float64), pad, mode="constant", constant_values=np.inf)
+    rows = (iy[:, None] + off[None, :] + pad)[:, :, None]  # (N, S, 1)
+    cols = (ix[:, None] + off[None, :] + pad)[:, None, :]  # (N, 1, S)
+    d = dp[rows, cols]  # (N, S, S)
+    w = np.where(np.isfinite(vp[rows, cols]), 1.0 / vp[rows, cols], 0.0)
+    u = off.astype(np.float64)
+    k = 1.0 / (math.sqrt(2.0) * sigma)
+    c = 1.0 / (math.sqrt(2.0 * math.pi) * sigma)
+
+    def profile(t):  # t: (N,) sub-pixel centre relative to the peak pixel
+        a = u[None, :] - t[:, None]
+        g = 0.5 * (erf((a + 0.5) * k) - erf((a - 0.5) * k))
+        dg = -c * (np.exp(-((a + 0.5) ** 2) * k * k) - np.exp(-((a - 0.5) ** 2) * k * k))
+        return g, dg  # (N, S): value and d/dt
+
+    x = np.zeros(n)
+    y = np.zeros(n)
+    params = np.zeros((n, 2))  # flux, background
+    for it in range(iterations + 1):
+        gx, dgx = profile(x)
+        gy, dgy = profile(y)
+        p = gy[:, :, None] * gx[:, None, :]
+        ones = np.ones_like(p)
+        if it == 0:  # linear start: flux and constant at the peak pixel
+            A = np.stack([p, ones], axis=-1).reshape(n, -1, 2)
+            AtW = A.transpose(0, 2, 1) * w.reshape(n, 1, -1)
+            M = AtW @ A + 1e-12 * np.eye(2)
+            params = np.linalg.solve(M, (AtW @ d.reshape(n, -1, 1)))[..., 0]
+            continue
+        F = params[:, 0][:, None, None]
+        J = np.stack([
+            F * gy[:, :, None] * dgx[:, None, :],  # d/dx
+            F * dgy[:, :, None] * gx[:, None, :],  # d/dy
+            p,  # d/dF
+            ones,  # d/db
+        ], axis=-1).reshape(n, -1, 4)  # fmt: skip
+        model = (F * p + params[:, 1][:, None, None]).reshape(n, -1)
+        r = d.reshape(n, -1) - model
+        JtW = J.transpose(0, 2, 1) * w.reshape(n, 1, -1)
+        H = JtW @ J + 1e-9 * np.eye(4)
+        step = np.linalg.solve(H, (JtW @ r[..., None]))[..., 0]
+        step[:, :2] = np.clip(step[:, :2], -0.5, 0.5)
+        x = np.clip(x + step[:, 0], -FIT_MAX_SHIFT - 0.5, FIT_MAX_SHIFT + 0.5)
+        y = np.clip(y + step[:, 1], -FIT_MAX_SHIFT - 0.5, FIT_MAX_SHIFT + 0.5)
+        params = params + step[:, 2:]
+    # final covariance and chi^2 at the solution
+    gx, dgx = profile(x)
+    gy, dgy = profile(y)
+    p = gy[:, :, None] * gx[:, None, :]
+    F = params[:, 0][:, None, None]
+    J = np.stack([F * gy[:, :, None] * dgx[:, None, :], F * dgy[:, :, None] * gx[:, None, :],
+                  p, np.ones_like(p)], axis=-1).reshape(n, -1, 4)  # fmt: skip
+    JtW = J.transpose(0, 2, 1) * w.reshape(n, 1, -1)
+    cov = np.linalg.inv(JtW @ J + 1e-9 * np.eye(4))
+    flux = params[:, 0]
+    flux_err = np.sqrt(np.clip(cov[:, 2, 2], 0.0, None))
+    model = F * p + params[:, 1][:, None, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        peak = np.abs(F * p).reshape(n, -1).max(axis=1)[:, None, None]
+        v_model = np.where(w > 0, 1.0 / w, np.inf) + (model_error * peak) ** 2
+        chi = ((d - model) ** 2 / v_model).reshape(n, -1).sum(axis=1)
+        chi_raw = ((d - model) ** 2 * w).reshape(n, -1).sum(axis=1)
+        dof = np.maximum((w > 0).reshape(n, -1).sum(axis=1) - 4, 1)
+        snr = flux / flux_err
+    ok = (np.abs(x) <= FIT_MAX_SHIFT) & (np.abs(y) <= FIT_MAX_SHIFT) & np.isfinite(snr)
+    return {"x": ix + x, "y": iy + y, "flux": flux, "flux_err": flux_err,
+            "snr": np.where(np.isfinite(snr), snr, 0.0), "chi2": chi / dof, "chi2_raw": chi_raw,
+            "ok": ok}  # fmt: skip
+
+
+def find_changes(
+    diff: np.ndarray,
+    var: np.ndarray,
+    fwhm: float,
+    threshold: float = BASELINE_THRESHOLD,
+    chi2_max: float = CHI2_MAX,
+    model_error: float = MODEL_ERROR,
+    sharp_dchi2: float = SHARP_DCHI2,
+) -> Table:
+    """Point-like changes in a difference image: matched filter, peaks, PSF fit, cuts.
+
+    Parameters
+    ----------
+    diff, var : (ny, nx) float
+        Difference image (e-/s) and its variance (``inf`` = masked).
+    fwhm : float
+        PSF FWHM in px.
+    threshold : float
+        Minimum PSF S/N ``|F| / sigma_F``.
+    chi2_max : float
+        Maximum reduced chi^2 of the PSF fit (``inf`` disables the cut).
+    model_error : float
+        Fractional PSF model error used in that chi^2.
+    sharp_dchi2 : float
+        Cosmic-ray test: a candidate is rejected when a profile much sharper than the
+        PSF (Gaussian sigma :data:`SHARP_SIGMA` px, a one- or two-pixel hit) fits the
+        stamp better than the PSF by more than this, ``chi2_psf - chi2_sharp >
+        sharp_dchi2`` (``inf`` disables the test).
+
+    Returns
+    -------
+    astropy.table.Table
+        ``x``, ``y`` (px), ``flux``, ``flux_err`` (e-/s), ``snr`` (>= threshold),
+        ``chi2``, ``dchi2_sharp``, ``brightened``; sorted by decreasing S/N.
+    """
+    snr = snr_map(diff, var, fwhm)
+    pre = PRE_THRESHOLD * threshold
+    peaks = [find_peaks(sign * snr, pre, min_distance=PEAK_RADIUS) for sign in (1.0, -1.0)]
+    ix = np.concatenate([p[0] for p in peaks])
+    iy = np.concatenate([p[1] for p in peaks])
+    fit = fit_psf(diff, var, ix, iy, psf_sigma(fwhm), model_error=model_error)
+    s = np.abs(fit["snr"])
+    good = fit["ok"] & (s >= threshold) & (fit["chi2"] <= chi2_max)
+    dchi2 = np.full(len(ix), -np.inf)
+    if good.any():
+        g = np.flatnonzero(good)
+        sharp = fit_psf(diff, var, ix[g], iy[g], SHARP_SIGMA, model_error=model_error)
+        dchi2[g] = fit["chi2_raw"][g] - sharp["chi2_raw"]
+        good &= dchi2 <= sharp_dchi2
+    sel = np.flatnonzero(good)
+    keep = sel[nms(fit["x"][sel], fit["y"][sel], s[sel], NMS_RADIUS)]
+    return Table({
+        "x": fit["x"][keep], "y": fit["y"][keep], "flux": fit["flux"][keep],
+        "flux_err": fit["flux_err"][keep], "snr": s[keep], "chi2": fit["chi2"][keep],
+        "dchi2_sharp": dchi2[keep], "brightened": fit["flux"][keep] > 0,
+    })  # fmt: skip
+
+
+def run_baseline(
+    ref_path,
+    new_path,
+    threshold: float = BASELINE_THRESHOLD,
+    fwhm: float | None = None,
+    residual_fraction: float = RESIDUAL_FRACTION,
+    chi2_max: float = CHI2_MAX,
+    model_error: float = MODEL_ERROR,
+) -> Table:
+    """Detect changes between two FITS images and return a candidate catalog.
+
+    Parameters
+    ----------
+    ref_path, new_path : path-like
+        Reference and new image (same shape and pixel grid), e-/s, sky-subtracted.
+    threshold : float
+        Minimum PSF S/N (sigma) of a reported change.
+    fwhm : float, optional
+        PSF FWHM in px; default from the header ``BAND`` (:data:`ROMAN_FWHM_PX`).
+    residual_fraction, chi2_max, model_error : float
+        See :data:`RESIDUAL_FRACTION`, :data:`CHI2_MAX`, :data:`MODEL_ERROR`.
+
+    Returns
+    -------
+    astropy.table.Table
+        The catalog (:func:`rtcnn.catalog.make_catalog`) with ``score`` = PSF S/N, plus
+        ``flux``, ``flux_err`` (e-/s, the fitted change) and ``chi2``; metadata names the
+        inputs, ``model = 'baseline'``, the threshold, FWHM, noise and masked fraction.
+    """
+    from rtcnn.io import read_pair
+    from rtcnn.photometry import magdiff
+
+    if not threshold > 0:
+        raise RtcnnInputError(None, f"--threshold must be > 0 sigma, got {threshold}")
+    ref, new = read_pair(ref_path, new_path)
+    fwhm = band_fwhm(new.band or ref.band) if fwhm is None else float(fwhm)
+    psf_sigma(fwhm)  # validates
+    wcs = new.require_wcs("give the candidates RA/Dec")
+    diff, r, n, mask = difference_image(ref, new)
+    var, sigma_bkg = noise_variance(diff, r, n, ref.exptime, new.exptime, mask,
+                                    residual_fraction)  # fmt: skip
+    found = find_changes(diff, var, fwhm, threshold, chi2_max, model_error)
+    xy = np.column_stack([found["x"], found["y"]])
+    dmag = np.full(len(found), np.nan)
+    zp = new.zeropoint
+    if len(found) and zp is not None:
+        nan = np.full(len(found), np.nan)
+        ph = magdiff(r, n, xy, nan, nan, zp, zp, use_catalog=False, mask_ref=mask,
+                     mask_new=mask, effective_gain=new.exptime)  # fmt: skip
+        dmag = np.asarray(ph["magdiff"], dtype=np.float64)
+    meta = {
+        "ref": str(ref_path), "new": str(new_path), "model": "baseline",
+        "method": "difference image, PSF matched filter, PSF fit (rtcnn.baseline)",
+        "threshold": float(threshold), "score": "PSF S/N of the flux change (sigma)",
+        "fwhm_px": float(fwhm), "sigma_bkg": sigma_bkg, "residual_fraction": residual_fraction,
+        "chi2_max": chi2_max, "model_error": model_error,
+        "image_shape": [int(v) for v in new.shape],
+        "masked_fraction": float(0.0 if mask is None else mask.mean()),
+        "dmag": "|m_ref - m_new| (mag), aperture photometry, rtcnn.photometry.magdiff",
+    }  # fmt: skip
+    cat = make_catalog(found["x"], found["y"], found["snr"], dmag, found["brightened"], wcs, meta)
+    for name, unit in (("flux", "electron/s"), ("flux_err", "electron/s"), ("chi2", None)):
+        cat[name] = np.asarray(found[name])  # already by decreasing S/N, as make_catalog sorts
+        cat[name].unit = unit
+    return cat
+
+
+# --------------------------------------------------------------------------- command
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise RtcnnInputError(None, f"{message} (see python -m rtcnn.baseline --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = _Parser(prog="python -m rtcnn.baseline", description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="+", metavar="REF NEW | DATA",
+                   help="a reference and a new FITS image, or one directory / glob of pair "
+                   "directories (ref.fits + new.fits each)")  # fmt: skip
+    p.add_argument("-o", "--output", required=True,
+                   help="catalog (.ecsv); with DATA a file name written into each pair directory")
+    p.add_argument("--threshold", type=float, default=BASELINE_THRESHOLD,
+                   help=f"minimum PSF S/N in sigma (default {BASELINE_THRESHOLD:g})")
+    p.add_argument("--fwhm", type=float, default=None,
+                   help="PSF FWHM in px (default: the Roman PSF of the header BAND, H158 1.39)")
+    p.add_argument("--regions", default=None,
+                   help="also write a DS9 region file (with DATA: a name in each pair directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return p
+
+
+def _jobs(args) -> list[tuple[Path, Path, Path, Path | None]]:
+    """(ref, new, catalog, regions) per pair from the command line."""
+    if len(args.inputs) == 2:
+        reg = None if args.regions is None else Path(args.regions)
+        return [(Path(args.inputs[0]), Path(args.inputs[1]), Path(args.output), reg)]
+    if len(args.inputs) != 1:
+        raise RtcnnInputError(None, "give REF NEW, or one directory / glob of pairs")
+    from rtcnn.io import find_pairs
+
+    for name in (args.output, args.regions):
+        if name is not None and Path(name).name != name:
+            raise RtcnnInputError(name, "with a directory of pairs, -o/--regions must be plain "
+                                  "file names (written into each pair directory)")  # fmt: skip
+    jobs = []
+    for pair in find_pairs(args.inputs[0]):
+        d = pair.new.parent
+        reg = None if args.regions is None else d / args.regions
+        jobs.append((pair.ref, pair.new, d / args.output, reg))
+    return jobs
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns 0, or 1 when some pairs of a directory failed."""
+    args = build_parser().parse_args(argv)
+    jobs = _jobs(args)
+    if not args.overwrite:  # refuse before any work is done
+        for _, _, out, reg in jobs:
+            for path in (out, reg):
+                if path is not None and path.exists():
+                    raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
+    failed = []
+    for ref, new, out, reg in jobs:
+        t0 = time.perf_counter()
+        try:
+            cat = run_baseline(ref, new, threshold=args.threshold, fwhm=args.fwhm)
+        except RtcnnInputError as err:
+            if len(jobs) == 1:
+                raise
+            failed.append(f"{err}")
+            continue
+        cat.meta["seconds"] = round(time.perf_counter() - t0, 3)
+        write_catalog(cat, out, overwrite=args.overwrite)
+        if reg is not None:
+            write_ds9_regions(cat, reg, overwrite=args.overwrite)
+        nb = int(np.sum(cat["brightened"]))
+        print(f"{out}: {len(cat)} candidates ({nb} brightened, {len(cat) - nb} faded) "
+              f"at >= {args.threshold:g} sigma in {cat.meta['seconds']:.2f} s")  # fmt: skip
+    if failed:
+        print(f"rtcnn: {len(failed)} of {len(jobs)} pairs failed:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,683 @@
+"""Score candidate catalogs against the truth: completeness, m50, false positives per SCA.
+
+``python -m rtcnn.score CATALOG [CATALOG ...] --truth TRUTH.ecsv`` scores catalogs of one
+pair (several catalogs = several methods compared), and
+``python -m rtcnn.score NAME [NAME ...] --data DIR`` scores every pair directory found under
+``DIR`` (or a glob): ``NAME`` is the catalog's file name inside each pair directory
+(``baseline.ecsv``), or a template with ``{pair}`` for catalogs kept elsewhere
+(``runs/det/{pair}.ecsv``); the truth is each pair's ``truth.ecsv``. Options:
+``--radius 2`` (px), ``--budget 10`` (false positives per SCA), ``--label``,
+``--threshold`` (an extra score cut), ``--plot completeness.png``, ``--json score.json``.
+
+Definitions
+-----------
+* **Matching**: per pair, detections and *all* truth rows (transients and variables)
+  within ``radius`` px are paired one-to-one minimising the summed distance (Hungarian,
+  :func:`scipy.optimize.linear_sum_assignment`, per connected group of candidates).
+* **Completeness** is over truth rows of kind ``transient`` (every row when the truth has
+  no ``kind``), whatever their S/N, binned in the *truth magnitude of the change*
+  ``m = -2.5 log10 |F_new - F_ref|`` (AB; for a transient absent from the reference that
+  is its magnitude in the new image); "completeness at S/N >= 5" uses the truth ``snr``.
+* **m50**: the magnitude where completeness is 50 %, from a maximum-likelihood fit of
+  ``C(m) = c / (1 + exp((m - m0) / w))`` to every transient (detected or not):
+  ``m50 = m0 + w ln(2c - 1)`` (NaN when the curve never reaches 50 %). The binned curve's
+  first 50 % crossing is reported too (``m50_binned``).
+* **False positive**: a detection matched to no truth row (a detection on a variable,
+  however faint, is not a false positive). **FP per SCA** = false positives x 4088^2 /
+  scored area (sum of the pairs' image areas, from the catalog's ``image_shape``
+  metadata, else the pair's FITS header, else ``--shape``). **Purity** = 1 - FP / detections.
+* **Localisation**: median distance (px) of matched transients and the fraction within
+  0.5 px. **dmag error**: median ``|dmag_cat - dmag_true|`` (mag) over matched transients
+  and variables with both finite, ``dmag_true`` = the truth's ``dmag`` column when
+  present, else ``|mag_ref - mag_new|`` where both magnitudes exist.
+* **Budget**: the catalog's score threshold is swept (detections with ``score >= t``);
+  the deepest m50 among thresholds with FP per SCA <= budget is reported with its
+  threshold. A catalog can only be swept above the threshold it was written with: write
+  catalogs with a low threshold for this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+from scipy.optimize import linear_sum_assignment, minimize
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from rtcnn.catalog import atomic_write, read_catalog
+from rtcnn.errors import RtcnnInputError, cli_main
+
+MATCH_RADIUS = 2.0  # px, a detection within this distance of a truth row can match it
+FP_BUDGET = 10.0  # false positives per full SCA at the alert operating point
+SCA_SIDE = 4088  # px, side of a Roman SCA
+SCA_AREA = SCA_SIDE * SCA_SIDE  # px^2
+SNR_MIN = 5.0  # truth S/N above which "completeness at S/N >= 5" counts a transient
+MAG_BIN = 0.5  # mag, width of the completeness bins
+WITHIN_PX = 0.5  # px, "within 1/2 px" localisation fraction
+SWEEP_POINTS = 200  # most thresholds tried in the sweep (quantiles of the scores)
+M50_MIN_OBJECTS = 10  # fewer transients than this give m50 = NaN
+
+
+# --------------------------------------------------------------------------- truth
+def _masked_float(table: Table, name: str) -> np.ndarray:
+    if name not in table.colnames:
+        return np.full(len(table), np.nan)
+    return np.asarray(np.ma.filled(np.ma.asarray(table[name], dtype=np.float64), np.nan))
+
+
+def change_magnitude(mag_ref: np.ndarray, mag_new: np.ndarray) -> np.ndarray:
+    """AB magnitude of the flux change ``|F_new - F_ref|``; NaN magnitudes = absent (flux 0).
+
+    Parameters
+    ----------
+    mag_ref, mag_new : (M,) float
+        Truth magnitudes, NaN where the object is absent from that image.
+
+    Returns
+    -------
+    (M,) float64
+        ``-2.5 log10 |10^(-0.4 m_new) - 10^(-0.4 m_ref)|`` (the zero point cancels);
+        NaN when both are absent or the fluxes are equal.
+    """
+    f_ref = np.where(np.isfinite(mag_ref), 10.0 ** (-0.4 * np.nan_to_num(mag_ref)), 0.0)
+    f_new = np.where(np.isfinite(mag_new), 10.0 ** (-0.4 * np.nan_to_num(mag_new)), 0.0)
+    df = np.abs(f_new - f_ref)
+    with np.errstate(divide="ignore"):
+        return np.where(df > 0, -2.5 * np.log10(np.where(df > 0, df, 1.0)), np.nan)
+
+
+def truth_columns(truth: Table) -> dict[str, np.ndarray]:
+    """The truth values the score needs, as plain arrays of length M.
+
+    Returns
+    -------
+    dict
+        ``x``, ``y`` (px), ``transient`` (bool), ``mag`` (change magnitude, AB),
+        ``snr`` (NaN if absent), ``dmag`` (mag, NaN where unknown), ``brightened`` (bool).
+    """
+    mag_ref = _masked_float(truth, "mag_ref")
+    mag_new = _masked_float(truth, "mag_new")
+    if "kind" in truth.colnames:
+        transient = np.asarray(truth["kind"]).astype(str) == "transient"
+    else:
+        transient = np.ones(len(truth), dtype=bool)
+    if "dmag" in truth.colnames:
+        dmag = _masked_float(truth, "dmag")
+    else:
+        dmag = np.abs(mag_ref - mag_new)  # NaN unless both magnitudes exist
+    f_ref = np.where(np.isfinite(mag_ref), 10.0 ** (-0.4 * np.nan_to_num(mag_ref)), 0.0)
+    f_new = np.where(np.isfinite(mag_new), 10.0 ** (-0.4 * np.nan_to_num(mag_new)), 0.0)
+    return {
+        "x": _masked_float(truth, "x"), "y": _masked_float(truth, "y"),
+        "transient": transient, "mag": change_magnitude(mag_ref, mag_new),
+        "snr": _masked_float(truth, "snr"), "dmag": dmag, "brightened": f_new > f_ref,
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- matching
+def match(
+    det_xy: np.ndarray, truth_xy: np.ndarray, radius: float = MATCH_RADIUS
+) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one matching within ``radius`` minimising the summed distance (Hungarian).
+
+    Parameters
+    ----------
+    det_xy : (N, 2) float
+        Detected positions (x, y) in px.
+    truth_xy : (M, 2) float
+        True positions in px (NaN rows never match).
+    radius : float
+        Largest matching distance in px (inclusive).
+
+    Returns
+    -------
+    det_idx, truth_idx : (K,) int64
+        Matched pairs, ``det_xy[det_idx[k]]`` ↔ ``truth_xy[truth_idx[k]]``.
+    """
+    det_xy = np.asarray(det_xy, dtype=np.float64).reshape(-1, 2)
+    truth_xy = np.asarray(truth_xy, dtype=np.float64).reshape(-1, 2)
+    di, ti, dist = candidate_edges(det_xy, truth_xy, radius)
+    if di.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return _assign(di, ti, dist, len(det_xy), len(truth_xy))
+
+
+def candidate_edges(
+    det_xy: np.ndarray, truth_xy: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (detection, truth row, distance) pairs closer than or at ``radius`` px."""
+    di = ti = np.zeros(0, np.int64)
+    good = np.flatnonzero(np.all(np.isfinite(truth_xy), axis=1))
+    if len(det_xy) and len(good):
+        lists = cKDTree(truth_xy[good]).query_ball_point(det_xy, r=radius)
+        di = np.repeat(np.arange(len(det_xy)), [len(e) for e in lists]).astype(np.int64)
+        if di.size:
+            ti = good[np.concatenate([np.asarray(e, np.int64) for e in lists])]
+    dist = np.hypot(*(det_xy[di] - truth_xy[ti]).T) if di.size else np.zeros(0)
+    return di, ti, dist
+
+
+def _assign(di, ti, dist, n_det, n_truth) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian assignment on the bipartite graph of candidate edges, per component."""
+    n = n_det + n_truth
+    graph = coo_matrix((np.ones(len(di)), (di, n_det + ti)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    comp = label[di]
+    order = np.argsort(comp, kind="stable")
+    di, ti, dist, comp = di[order], ti[order], dist[order], comp[order]
+    bounds = np.flatnonzero(np.diff(comp)) + 1
+    out_d, out_t = [], []
+    for sl in np.split(np.arange(len(di)), bounds):
+        if len(sl) == 1:  # the common case: one detection, one truth row
+            out_d.append(di[sl])
+            out_t.append(ti[sl])
+            continue
+        ud, d_inv = np.unique(di[sl], return_inverse=True)
+        ut, t_inv = np.unique(ti[sl], return_inverse=True)
+        big = 1e6 + dist[sl].max()  # "no edge": never preferred to a real edge
+        cost = np.full((len(ud), len(ut)), big)
+        cost[d_inv, t_inv] = dist[sl]
+        r, c = linear_sum_assignment(cost)
+        real = cost[r, c] < big
+        out_d.append(ud[r[real]])
+        out_t.append(ut[c[real]])
+    return np.concatenate(out_d).astype(np.int64), np.concatenate(out_t).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- curves
+def completeness_curve(
+    mag: np.ndarray, detected: np.ndarray, bins: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Completeness per magnitude bin.
+
+    Returns
+    -------
+    dict of (B,) arrays
+        ``lo``, ``hi`` (bin edges, mag), ``n`` (transients), ``n_det`` (detected),
+        ``completeness`` (NaN for empty bins).
+    """
+    mag = np.asarray(mag, dtype=np.float64)
+    ok = np.isfinite(mag)
+    n, _ = np.histogram(mag[ok], bins)
+    k, _ = np.histogram(mag[ok & detected], bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        comp = np.where(n > 0, k / np.maximum(n, 1), np.nan)
+    return {"lo": bins[:-1], "hi": bins[1:], "n": n, "n_det": k, "completeness": comp}
+
+
+def fit_m50(mag: np.ndarray, detected: np.ndarray) -> dict[str, float]:
+    """Maximum-likelihood logistic completeness curve and its 50 % magnitude.
+
+    ``C(m) = c / (1 + exp((m - m0) / w))`` fitted to Bernoulli outcomes (every object,
+    no binning), ``0 < c <= 1``, ``w > 0``.
+
+    Parameters
+    ----------
+    mag : (M,) float
+        Truth magnitudes (AB); non-finite entries are ignored.
+    detected : (M,) bool
+
+    Returns
+    -------
+    dict
+        ``m50`` (mag; NaN when ``c <= 0.5``, too few objects, or nothing detected),
+        ``c_max``, ``m0``, ``width`` (mag).
+    """
+    mag = np.asarray(mag, dtype=np.float64)
+    det = np.asarray(detected, dtype=bool)
+    ok = np.isfinite(mag)
+    mag, det = mag[ok], det[ok]
+    nan = {"m50": math.nan, "c_max": math.nan, "m0": math.nan, "width": math.nan}
+    if len(mag) < M50_MIN_OBJECTS or not det.any():
+        return nan
+    if det.all():  # never falls: the curve's 50 % point lies beyond the faintest object
+        return {**nan, "c_max": 1.0}
+
+    def nll(p):
+        c = 1.0 / (1.0 + math.exp(-p[0]))
+        z = np.clip((mag - p[1]) / math.exp(p[2]), -50, 50)
+        prob = np.clip(c / (1.0 + np.exp(z)), 1e-12, 1 - 1e-12)
+        return -np.sum(np.where(det, np.log(prob), np.log1p(-prob)))
+
+    m0_start = float(np.median(mag[det])) if det.sum() > 1 else float(np.median(mag))
+    best = None
+    for w0 in (0.1, 0.3, 1.0):
+        for c0 in (3.0, 1.0):
+            res = minimize(nll, [c0, m0_start, math.log(w0)], method="Nelder-Mead",
+                           options={"xatol": 1e-5, "fatol": 1e-7, "maxiter": 4000})  # fmt: skip
+            if best is None or res.fun < best.fun:
+                best = res
+    c = 1.0 / (1.0 + math.exp(-best.x[0]))
+    m0, w = float(best.x[1]), math.exp(best.x[2])
+    m50 = m0 + w * math.log(2.0 * c - 1.0) if c > 0.5 else math.nan
+    return {"m50": float(m50), "c_max": float(c), "m0": m0, "width": float(w)}
+
+
+def m50_binned(curve: dict[str, np.ndarray]) -> float:
+    """First 50 % crossing of a binned curve from the bright end (linear between centres)."""
+    centre = 0.5 * (curve["lo"] + curve["hi"])
+    comp = curve["completeness"]
+    ok = np.isfinite(comp)
+    centre, comp = centre[ok], comp[ok]
+    for i in range(1, len(comp)):
+        if comp[i - 1] >= 0.5 > comp[i]:
+            t = (comp[i - 1] - 0.5) / (comp[i - 1] - comp[i])
+            return float(centre[i - 1] + t * (centre[i] - centre[i - 1]))
+    return math.nan
+
+
+# --------------------------------------------------------------------------- one pair
+@dataclass
+class PairScore:
+    """A catalog and the truth of one pair, matched at any score threshold."""
+
+    name: str
+    area: float  # px^2, image area
+    truth: dict[str, np.ndarray]
+    det_xy: np.ndarray  # (N, 2) px
+    score: np.ndarray  # (N,)
+    dmag: np.ndarray  # (N,) mag
+    brightened: np.ndarray  # (N,) bool
+    _edges: tuple = field(default=None, repr=False)
+
+    def __post_init__(self):
+        txy = np.column_stack([self.truth["x"], self.truth["y"]])
+        self._truth_xy = txy
+
+    def edges(self, radius: float):
+        """Candidate (det, truth, distance) edges within ``radius`` (computed once)."""
+        if self._edges is None or self._edges[0] != radius:
+            self._edges = (radius, *candidate_edges(self.det_xy, self._truth_xy, radius))
+        return self._edges[1:]
+
+    def matched(self, radius: float, threshold: float | None = None):
+        """Matched (det_idx, truth_idx) among detections with ``score >= threshold``."""
+        di, ti, dist = self.edges(radius)
+        if threshold is not None:
+            keep = self.score[di] >= threshold
+            di, ti, dist = di[keep], ti[keep], dist[keep]
+        if di.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return _assign(di, ti, dist, len(self.det_xy), len(self._truth_xy))
+
+
+def pair_score(name: str, catalog: Table, truth: Table, area: float) -> PairScore:
+    """Bundle one pair's catalog and truth for :func:`evaluate`."""
+    return PairScore(
+        name=name, area=float(area), truth=truth_columns(truth),
+        det_xy=np.column_stack([np.asarray(catalog["x"], float), np.asarray(catalog["y"], float)]),
+        score=np.asarray(catalog["score"], dtype=np.float64),
+        dmag=_masked_float(catalog, "dmag"),
+        brightened=np.asarray(catalog["brightened"], dtype=bool),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- metrics
+def _collect(pairs: list[PairScore], radius: float, threshold: float | None):
+    """Per-transient detection flags and per-detection outcomes over all pairs."""
+    out = {k: [] for k in ("mag", "snr", "det", "n_fp", "n_det", "dist", "dmag_err", "sign")}
+    for p in pairs:
+        di, ti = p.matched(radius, threshold)
+        sel = np.ones(len(p.score), bool) if threshold is None else p.score >= threshold
+        t = p.truth
+        hit = np.zeros(len(t["x"]), dtype=bool)
+        hit[ti] = True
+        tr = t["transient"]
+        out["mag"].append(t["mag"][tr])
+        out["snr"].append(t["snr"][tr])
+        out["det"].append(hit[tr])
+        out["n_det"].append(int(sel.sum()))
+        out["n_fp"].append(int(sel.sum()) - len(di))
+        on_tr = tr[ti]
+        out["dist"].append(np.hypot(*(p.det_xy[di[on_tr]] - p._truth_xy[ti[on_tr]]).T)
+                           if on_tr.any() else np.zeros(0))  # fmt: skip
+        out["dmag_err"].append(np.abs(p.dmag[di] - t["dmag"][ti]))
+        out["sign"].append(p.brightened[di] == t["brightened"][ti])
+    cat = {k: (np.concatenate(v) if k not in ("n_fp", "n_det") else np.asarray(v))
+           for k, v in out.items()}  # fmt: skip
+    return cat
+
+
+def _nan_stat(fn, values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(fn(values)) if values.size else math.nan
+
+
+def evaluate(
+    pairs: list[PairScore],
+    radius: float = MATCH_RADIUS,
+    threshold: float | None = None,
+    bins: np.ndarray | None = None,
+    snr_min: float = SNR_MIN,
+) -> dict:
+    """All metrics of one method over many pairs at one score threshold.
+
+    Parameters
+    ----------
+    pairs : list of PairScore
+    radius : float
+        Matching radius, px.
+    threshold : float, optional
+        Keep detections with ``score >= threshold`` (None: all rows).
+    bins : (B + 1,) float, optional
+        Magnitude bin edges; default :data:`MAG_BIN` wide over the transients' range.
+    snr_min : float
+        Truth S/N for ``completeness_snr``.
+
+    Returns
+    -------
+    dict
+        ``n_pairs``, ``area_px``, ``n_transients``, ``n_detections``, ``n_matched``
+        (transients found), ``n_false``, ``completeness``, ``completeness_snr`` (S/N >=
+        ``snr_min``), ``n_snr``, ``m50``, ``m50_binned``, ``fit`` (logistic parameters),
+        ``fp_per_sca``, ``purity``, ``loc_median_px``, ``loc_within_half_px``,
+        ``dmag_median_abs_err``, ``n_dmag``, ``sign_accuracy``, ``curve`` (per bin).
+    """
+    c = _collect(pairs, radius, threshold)
+    area = float(sum(p.area for p in pairs))
+    mag, det, snr = c["mag"], c["det"], c["snr"]
+    if bins is None:
+        finite = mag[np.isfinite(mag)]
+        lo = math.floor(finite.min() / MAG_BIN) * MAG_BIN if finite.size else 20.0
+        hi = math.ceil(finite.max() / MAG_BIN) * MAG_BIN if finite.size else 28.0
+        bins = np.arange(lo, hi + MAG_BIN / 2, MAG_BIN) if hi > lo else np.array([lo, lo + MAG_BIN])
+    curve = completeness_curve(mag, det, np.asarray(bins, dtype=np.float64))
+    fit = fit_m50(mag, det)
+    n_det = int(c["n_det"].sum())
+    n_fp = int(c["n_fp"].sum())
+    strong = np.isfinite(snr) & (snr >= snr_min)
+    dm = c["dmag_err"][np.isfinite(c["dmag_err"])]
+    return {
+        "threshold": None if threshold is None else float(threshold),
+        "n_pairs": len(pairs),
+        "area_px": area,
+        "n_transients": int(len(det)),
+        "n_detections": n_det,
+        "n_matched": int(det.sum()),
+        "n_false": n_fp,
+        "completeness": float(det.mean()) if len(det) else math.nan,
+        "completeness_snr": float(det[strong].mean()) if strong.any() else math.nan,
+        "n_snr": int(strong.sum()),
+        "m50": fit["m50"],
+        "m50_binned": m50_binned(curve),
+        "fit": fit,
+        "fp_per_sca": n_fp * SCA_AREA / area if area > 0 else math.nan,
+        "purity": 1.0 - n_fp / n_det if n_det else math.nan,
+        "loc_median_px": _nan_stat(np.median, c["dist"]),
+        "loc_within_half_px": float(np.mean(c["dist"] <= WITHIN_PX)) if len(c["dist"]) else math.nan,
+        "dmag_median_abs_err": float(np.median(dm)) if dm.size else math.nan,
+        "n_dmag": int(dm.size),
+        "sign_accuracy": float(np.mean(c["sign"])) if len(c["sign"]) else math.nan,
+        "curve": {k: np.asarray(v).tolist() for k, v in curve.items()},
+    }  # fmt: skip
+
+
+def sweep(
+    pairs: list[PairScore],
+    radius: float = MATCH_RADIUS,
+    budget: float = FP_BUDGET,
+    thresholds: np.ndarray | None = None,
+    snr_min: float = SNR_MIN,
+) -> dict:
+    """Sweep the score threshold; the deepest m50 with FP per SCA within ``budget``.
+
+    Returns
+    -------
+    dict
+        ``budget``, ``threshold`` (NaN when no threshold meets the budget), ``m50``,
+        ``fp_per_sca``, ``completeness``, ``completeness_snr`` at that threshold, and
+        ``curve``: lists ``threshold``, ``fp_per_sca``, ``completeness``, ``m50``.
+    """
+    scores = np.concatenate([p.score for p in pairs]) if pairs else np.zeros(0)
+    scores = scores[np.isfinite(scores)]
+    if thresholds is None:
+        uniq = np.unique(scores)
+        if len(uniq) > SWEEP_POINTS:
+            uniq = np.unique(np.quantile(uniq, np.linspace(0, 1, SWEEP_POINTS)))
+        thresholds = uniq
+    area = float(sum(p.area for p in pairs))
+    rows = []
+    for t in np.sort(np.asarray(thresholds, dtype=np.float64)):
+        c = _collect(pairs, radius, float(t))
+        fp = c["n_fp"].sum() * SCA_AREA / area
+        rows.append((float(t), float(fp), float(c["det"].mean()) if len(c["det"]) else math.nan,
+                     c))  # fmt: skip
+    best = {"budget": float(budget), "threshold": math.nan, "m50": math.nan,
+            "fp_per_sca": math.nan, "completeness": math.nan, "completeness_snr": math.nan}
+    m50s = []
+    for t, fp, comp, c in rows:
+        m50 = fit_m50(c["mag"], c["det"])["m50"] if fp <= budget else math.nan
+        m50s.append(m50)
+        if fp <= budget and np.isfinite(m50) and not (m50 <= best["m50"]):
+            strong = np.isfinite(c["snr"]) & (c["snr"] >= snr_min)
+            best.update(threshold=t, m50=m50, fp_per_sca=fp, completeness=comp,
+                        completeness_snr=float(c["det"][strong].mean()) if strong.any()
+                        else math.nan)  # fmt: skip
+    best["curve"] = {"threshold": [r[0] for r in rows], "fp_per_sca": [r[1] for r in rows],
+                     "completeness": [r[2] for r in rows], "m50": m50s}  # fmt: skip
+    return best
+
+
+# --------------------------------------------------------------------------- inputs
+def image_area(catalog: Table, truth_path: Path, shape: tuple[int, int] | None) -> float:
+    """Image area (px^2) of a pair: catalog ``image_shape`` meta, FITS header, or ``shape``."""
+    meta = catalog.meta.get("image_shape")
+    if meta is not None and len(meta) == 2:
+        return float(meta[0]) * float(meta[1])
+    from astropy.io import fits
+
+    for name in ("new.fits", "ref.fits"):
+        p = truth_path.parent / name
+        if p.is_file():
+            try:
+                h = fits.getheader(p)
+                return float(h["NAXIS1"]) * float(h["NAXIS2"])
+            except Exception:  # unreadable header: try the next source
+                pass
+    if shape is not None:
+        return float(shape[0]) * float(shape[1])
+    raise RtcnnInputError(truth_path, "image area unknown (no image_shape in the catalog "
+                          "metadata, no new.fits beside the truth); pass --shape NY NX")  # fmt: skip
+
+
+def _read_truth(path: Path) -> Table:
+    from rtcnn.io import read_truth
+
+    return read_truth(path)
+
+
+def load_pairs(
+    names: list[str],
+    truth: list[str] | None,
+    data: str | None,
+    shape: tuple[int, int] | None = None,
+) -> dict[str, list[PairScore]]:
+    """Read every catalog and truth named on the command line.
+
+    Returns
+    -------
+    dict
+        Catalog name → list of :class:`PairScore` (one per pair), in command-line order.
+    """
+    if (truth is None) == (data is None):
+        raise RtcnnInputError(None, "give either --truth TRUTH (one pair) or --data DIR (pairs)")
+    out: dict[str, list[PairScore]] = {n: [] for n in names}
+    if truth is not None:
+        if len(truth) != 1:
+            raise RtcnnInputError(None, "--truth takes one truth table; use --data for many pairs")
+        tpath = Path(truth[0])
+        t = _read_truth(tpath)
+        for n in names:
+            cat = read_catalog(n)
+            out[n].append(pair_score(tpath.parent.name, cat, t, image_area(cat, tpath, shape)))
+        return out
+    from rtcnn.io import find_pairs
+
+    found = [p for p in find_pairs(data) if p.truth is not None]
+    if not found:
+        raise RtcnnInputError(data, "no pair directory with a truth table found")
+    for pair in found:
+        t = _read_truth(pair.truth)
+        for n in names:
+            path = Path(n.format(pair=pair.name)) if "{pair}" in n else pair.truth.parent / n
+            cat = read_catalog(path)
+            out[n].append(pair_score(pair.name, cat, t, image_area(cat, pair.truth, shape)))
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def format_table(results: dict[str, dict]) -> str:
+    """A fixed-width text table, one row per method."""
+    head = ("method", "n_det", "compl", "compl_snr5", "m50", "FP/SCA", "purity", "loc_med",
+            "<=0.5px", "dmag_err", "thr@budget", "m50@budget", "FP@budget")  # fmt: skip
+    rows = [head]
+
+    def f(v, fmt):
+        return "nan" if v is None or not np.isfinite(v) else format(v, fmt)
+
+    for label, r in results.items():
+        a, b = r["at_threshold"], r["budget"]
+        rows.append((label, str(a["n_detections"]), f(a["completeness"], ".3f"),
+                     f(a["completeness_snr"], ".3f"), f(a["m50"], ".2f"),
+                     f(a["fp_per_sca"], ".1f"), f(a["purity"], ".3f"),
+                     f(a["loc_median_px"], ".3f"), f(a["loc_within_half_px"], ".3f"),
+                     f(a["dmag_median_abs_err"], ".3f"), f(b["threshold"], ".3g"),
+                     f(b["m50"], ".2f"), f(b["fp_per_sca"], ".1f")))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def write_json(obj: dict, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``obj`` as JSON atomically (NaN → null), refusing to overwrite unless asked."""
+    text = json.dumps(_json_safe(obj), indent=2) + "\n"
+
+    def writer(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    return atomic_write(Path(path), overwrite, writer)
+
+
+# --------------------------------------------------------------------------- command
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise RtcnnInputError(None, f"{message} (see python -m rtcnn.score --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = _Parser(prog="python -m rtcnn.score", description=__doc__.splitlines()[0])
+    p.add_argument("catalogs", nargs="+", metavar="CATALOG",
+                   help="candidate catalogs (one per method); with --data a file name inside "
+                   "each pair directory or a path template with {pair}")  # fmt: skip
+    p.add_argument("--truth", nargs="+", default=None, help="truth table of the one pair")
+    p.add_argument("--data", default=None, help="directory / glob of pair directories")
+    p.add_argument("--label", nargs="+", default=None, help="method names (default: file stems)")
+    p.add_argument("--radius", type=float, default=MATCH_RADIUS,
+                   help=f"matching radius in px (default {MATCH_RADIUS:g})")
+    p.add_argument("--budget", type=float, default=FP_BUDGET,
+                   help=f"false positives per 4088x4088 SCA for the sweep (default {FP_BUDGET:g})")
+    p.add_argument("--threshold", type=float, nargs="+", default=None,
+                   help="score cut(s) applied before scoring, one per catalog or one for all "
+                   "(default: every row)")  # fmt: skip
+    p.add_argument("--snr-min", type=float, default=SNR_MIN,
+                   help=f"truth S/N of 'completeness at S/N >= N' (default {SNR_MIN:g})")
+    p.add_argument("--shape", type=int, nargs=2, default=None, metavar=("NY", "NX"),
+                   help="image shape when neither the catalog nor a FITS header gives it")
+    p.add_argument("--plot", default=None, help="completeness-vs-magnitude PNG")
+    p.add_argument("--json", default=None, help="write all numbers as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --plot/--json")
+    return p
+
+
+def run(args) -> dict:
+    """Score as the command line asks; returns the JSON-able result dict."""
+    if args.radius <= 0:
+        raise RtcnnInputError(None, f"--radius must be > 0 px, got {args.radius}")
+    labels = args.label or [Path(c.replace("{pair}", "pair")).stem for c in args.catalogs]
+    if len(labels) != len(args.catalogs):
+        raise RtcnnInputError(None, f"{len(labels)} labels for {len(args.catalogs)} catalogs")
+    if len(set(labels)) != len(labels):
+        labels = [f"{lab}#{i}" for i, lab in enumerate(labels)]
+    thr = args.threshold or [None]
+    if len(thr) not in (1, len(args.catalogs)):
+        raise RtcnnInputError(None, "--threshold takes one value or one per catalog")
+    thr = thr * len(args.catalogs) if len(thr) == 1 else thr
+    for path in (args.plot, args.json):
+        if path is not None and Path(path).exists() and not args.overwrite:
+            raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
+    pairs = load_pairs(args.catalogs, args.truth, args.data, args.shape)
+    results = {}
+    bins = None
+    all_mag = np.concatenate([p.truth["mag"][p.truth["transient"]]
+                              for p in next(iter(pairs.values()))])  # fmt: skip
+    finite = all_mag[np.isfinite(all_mag)]
+    if finite.size:  # one binning for every method
+        lo = math.floor(finite.min() / MAG_BIN) * MAG_BIN
+        hi = math.ceil(finite.max() / MAG_BIN) * MAG_BIN
+        bins = np.arange(lo, max(hi, lo + MAG_BIN) + MAG_BIN / 2, MAG_BIN)
+    for label, name, t in zip(labels, args.catalogs, thr):
+        ps = pairs[name]
+        results[label] = {
+            "catalog": name,
+            "at_threshold": evaluate(ps, args.radius, t, bins, args.snr_min),
+            "budget": sweep(ps, args.radius, args.budget, snr_min=args.snr_min)
+            if t is None else sweep([_cut(p, t) for p in ps], args.radius, args.budget,
+                                    snr_min=args.snr_min),
+        }  # fmt: skip
+    out = {"radius_px": args.radius, "budget_fp_per_sca": args.budget, "snr_min": args.snr_min,
+           "sca_area_px": SCA_AREA, "methods": results}  # fmt: skip
+    print(format_table(results))
+    if args.plot:
+        from rtcnn.plots import FIG_DPI, fig_completeness
+
+        curves = {lab: r["at_threshold"]["curve"] for lab, r in results.items()}
+        m50 = {lab: r["at_threshold"]["m50"] for lab, r in results.items()}
+        fig = fig_completeness(curves, m50, title=f"match radius {args.radius:g} px")
+        atomic_write(Path(args.plot), args.overwrite,
+                     lambda tmp: fig.savefig(tmp, format="png", dpi=FIG_DPI, bbox_inches="tight"))
+        print(f"plot: {args.plot}")
+    if args.json:
+        write_json(out, args.json, overwrite=args.overwrite)
+        print(f"json: {args.json}")
+    return out
+
+
+def _cut(p: PairScore, t: float) -> PairScore:
+    keep = p.score >= t
+    return PairScore(p.name, p.area, p.truth, p.det_xy[keep], p.score[keep], p.dmag[keep],
+                     p.brightened[keep])  # fmt: skip
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns 0."""
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
