@@ -1008,26 +1008,55 @@ def _snr(mref, mnew, ix, iy, new: Image, ref: Image, err_ref, err_new, sca) -> n
 # ----------------------------------------------------------------------- pair dirs
 
 
-def _pair_header(img: Image, role: str, key: OUKey) -> fits.Header:
+def pair_header(img: Image, role: str, **extra) -> fits.Header:
+    """Header of a pair-directory image: WCS and the simulator's keywords.
+
+    ``BUNIT``, ``BAND``, ``EXPTIME``, ``MAGZP``, ``SKYLEVEL``, ``MJD-OBS``, ``SCA``,
+    ``POINTING`` (those known), ``PAIRROLE`` = ``role``, ``ORIGFILE``, ``REPROJ``, plus ``extra`` cards.
+    """
+    if img.wcs is not None and not hasattr(img.wcs, "to_header"):
+        raise RtcnnInputError(img.path, "a pair image needs a FITS WCS (read ASDF images "
+                              "with wcs='fits')")
     h = img.wcs.to_header(relax=True) if img.wcs is not None else fits.Header()
-    h["BUNIT"] = UNIT
-    h["BAND"] = img.band
-    h["EXPTIME"] = (img.exptime, "s")
-    h["MAGZP"] = (img.zeropoint, "AB mag of 1 e-/s")
-    h["SKYLEVEL"] = (float(img.header.get("SKYLEVEL", 0.0)), "e-/s/pix subtracted")
-    h["SCA"] = key.sca
-    h["POINTING"] = key.pointing
-    h["MJD-OBS"] = float(img.header["MJD-OBS"])
-    h["SIMMODE"] = ("openuniverse", "OpenUniverse 2024 Roman TDS")
-    h["PAIRROLE"] = role
-    h["ORIGFILE"] = Path(img.path).name if img.path is not None else ""
-    if "REPROJ" in img.header:
-        h["REPROJ"] = img.header["REPROJ"]
+    h["BUNIT"] = img.unit
+    cards = {"BAND": img.band, "EXPTIME": img.exptime, "MAGZP": img.zeropoint}
+    for key in ("SKYLEVEL", "MJD-OBS", "SCA", "POINTING", "REPROJ"):
+        cards[key] = img.header.get(key)
+    cards.update(PAIRROLE=role, ORIGFILE=Path(img.path).name if img.path else None, **extra)
+    for key, value in cards.items():
+        if value is not None:
+            h[key] = value
     return h
 
 
-def write_pair_dir(row, outdir: str | os.PathLike, method: str = "adaptive",
-                   overwrite: bool = False) -> Path:
+def write_pair_images(ref: Image, new: Image, outdir: str | os.PathLike,
+                      method: str = "adaptive", **extra) -> tuple[Path, Image]:
+    """Write ``ref.fits`` (resampled onto ``new``'s grid unless already on it) and ``new.fits``.
+
+    Bad pixels (masks, outside the reference footprint) are written as NaN, so
+    :func:`rtcnn.io.read_image` masks them again. ``extra`` header cards go to both.
+
+    Returns
+    -------
+    (pathlib.Path, Image)
+        The pair directory (created) and the reference on the new image's grid.
+    """
+    d = Path(outdir)
+    d.mkdir(parents=True, exist_ok=True)
+    if same_pixel_grid(ref, new):
+        ref_on_new = dataclasses.replace(ref, header=ref.header.copy())
+        ref_on_new.header["REPROJ"] = ("none", "same pixel grid as the new image")
+    else:
+        ref_on_new = reproject_image(ref, new, method)
+    for img, role in ((ref_on_new, "ref"), (new, "new")):
+        data = np.array(img.data, dtype=np.float32)
+        if img.mask is not None:
+            data[img.mask] = np.nan
+        write_image(d / f"{role}.fits", data, pair_header(img, role, **extra), overwrite=True)
+    return d, ref_on_new
+
+
+def write_pair_dir(row, outdir: str | os.PathLike, method: str = "adaptive") -> Path:
     """Write one pair (a row of a pair list) in the simulator's pair-directory format.
 
     ``new.fits`` is the new image (e-/s, sky-subtracted, bad pixels NaN), ``ref.fits``
@@ -1035,34 +1064,22 @@ def write_pair_dir(row, outdir: str | os.PathLike, method: str = "adaptive",
     the two WCSs are identical), ``truth.ecsv`` / ``sources.ecsv`` from
     :func:`pair_truth`, ``params.json`` the provenance.
     """
-    d = Path(outdir) / str(row["name"])
-    d.mkdir(parents=True, exist_ok=True)
     new = read_ou_image(row["new"])
     ref = read_ou_image(row["ref"])
     kn, kr = parse_ou_name(row["new"]), parse_ou_name(row["ref"])
-    same_grid = same_pixel_grid(ref, new)
-    if same_grid:
-        ref_on_new = ref
-        ref_on_new.header["REPROJ"] = ("none", "same pixel grid as the new image")
-    else:
-        ref_on_new = reproject_image(ref, new, method)
+    d, ref_on_new = write_pair_images(ref, new, Path(outdir) / str(row["name"]), method,
+                                      SIMMODE="openuniverse")
+    same_grid = ref_on_new.header["REPROJ"] == "none"
     err_new = read_ou_error(row["new"])
-    err_ref = read_ou_error(row["ref"])
-    if not same_grid:
-        err_ref = None if err_ref.shape != new.shape else err_ref  # approximate: not resampled
+    err_ref = read_ou_error(row["ref"])  # not resampled: ERR varies slowly (sky + read)
+    if err_ref.shape != new.shape:
+        err_ref = None
     empty = Table({"id": np.zeros(0, np.int64), "ra": np.zeros(0), "dec": np.zeros(0),
                    "x": np.zeros(0), "y": np.zeros(0), "mag": np.zeros(0),
                    "kind": np.zeros(0, str)})
     t_new = read_ou_truth_for(new, row["truth_new"]) if row["truth_new"] else empty
     t_ref = read_ou_truth_for(ref, row["truth_ref"]) if row["truth_ref"] else empty
     truth, sources = pair_truth(t_ref, t_new, new, ref_on_new, err_ref, err_new, kn.sca)
-
-    for img, role, key, name in ((ref_on_new, "ref", kr, "ref.fits"),
-                                 (new, "new", kn, "new.fits")):
-        data = np.array(img.data, dtype=np.float32)
-        if img.mask is not None:
-            data[img.mask] = np.nan
-        write_image(d / name, data, _pair_header(img, role, key), overwrite=True)
     for t, name in ((truth, "truth.ecsv"), (sources, "sources.ecsv")):
         t.meta.update({"ref": str(row["ref"]), "new": str(row["new"])})
         t.write(d / name, format="ascii.ecsv", overwrite=True)
