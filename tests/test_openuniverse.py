@@ -351,3 +351,36 @@ def test_prepare_pairs_writes_simulator_pair_dirs(ou_root, tmp_path):
     assert [d.name for d in again] == [d.name for d in dirs[:2]]
     assert (dirs[0] / "ref.fits").stat().st_mtime_ns == stamp
     assert not dirs[2].exists()
+
+
+# ------------------------------------------------------------------- data=openuniverse
+
+
+def test_data_config_trains_from_the_layout(ou_root, tmp_path):
+    """``data=openuniverse data.root=DIR`` gives the DataModule batches of the contract."""
+    import inspect
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from rtcnn.data.openuniverse import OpenUniverseDataModule
+
+    root, _ = ou_root
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "data=openuniverse", f"data.root={root}", f"data.pairs_dir={tmp_path / 'pairs'}",
+            "data.num_workers=0", "data.persistent_workers=false", "data.batch_size=4",
+            "data.progress=false", f"paths.data_dir={tmp_path}"])
+    params = set(inspect.signature(OpenUniverseDataModule.__init__).parameters) - {
+        "self", "kwargs"}
+    assert params <= set(cfg.data)  # every OpenUniverse option is in the config
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, OpenUniverseDataModule)
+    dm.prepare_data()
+    dm.setup()
+    assert (tmp_path / "pairs" / "pairs.ecsv").is_file()
+    batch = next(iter(dm.train_dataloader()))
+    assert tuple(batch["image"].shape[1:]) == (2, 64, 64)
+    assert ((batch["target"] >= 0) & (batch["target"] <= 1)).all()
