@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.stats import SigmaClip, sigma_clipped_stats
+from astropy.stats import SigmaClip, sigma_clip, sigma_clipped_stats
 from astropy.table import Table
 from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture
 
@@ -42,6 +42,7 @@ BKG_SIGMA = 3.0  # sigma of the clipping of background-annulus pixels
 ZP_SIGMA = 3.0  # sigma of the clipping of per-star zero points / aperture corrections
 ZP_MIN_SNR = 20.0  # minimum aperture S/N of a star used for the zero point
 ZP_MIN_STARS = 5  # fewest stars accepted for a zero point
+ZP_ERROR_FLOOR = 0.01  # mag, added in quadrature to each star's error when weighting
 LIMIT_NSIGMA = 3.0  # an aperture flux below this many sigma is reported as a limit
 _MAG_PER_LN = 2.5 / math.log(10.0)  # mag, d(mag) = _MAG_PER_LN * d(flux)/flux
 
@@ -75,11 +76,12 @@ class ZeroPoint:
     Attributes
     ----------
     value : float
-        AB zero point (mag of 1 image unit): sigma-clipped median of ``m_cat + 2.5 log10 I``.
+        AB zero point (mag of 1 image unit): weighted mean of the sigma-clipped per-star
+        ``m_cat + 2.5 log10(apcorr * I)``.
     scatter : float
-        Sigma-clipped standard deviation of the per-star zero points, mag.
+        Standard deviation of the kept per-star zero points, mag.
     error : float
-        ``scatter / sqrt(n_used)``, mag.
+        Statistical error of ``value`` from the weights, mag.
     n_used, n_total : int
         Stars kept after the S/N cut and clipping, and stars given.
     """
@@ -288,8 +290,10 @@ def zeropoint_from_stars(
 
     Each star gives ``z_i = m_cat,i + 2.5 log10(apcorr * I_i)`` (``I_i`` aperture flux,
     local background subtracted). Stars with S/N < ``min_snr``, masked pixels in the
-    aperture, or no catalog magnitude are dropped; the rest are sigma-clipped and the
-    median is returned. The result is logged at INFO level.
+    aperture, or no catalog magnitude are dropped; the rest are sigma-clipped about the
+    median (MAD-based sigma, which rejects blends and wrong catalog entries), and the
+    zero point is their inverse-variance weighted mean (photometric error plus a
+    ``ZP_ERROR_FLOOR`` in quadrature). The result is logged at INFO level.
 
     Parameters
     ----------
@@ -336,10 +340,12 @@ def zeropoint_from_stars(
             f"point (S/N >= {min_snr:g}, unmasked, with a catalog magnitude); need {min_stars}"
         )
     zps = mags[usable] + 2.5 * np.log10(_factor(apcorr) * flux[usable])
-    _, med, std = sigma_clipped_stats(zps, sigma=sigma, maxiters=10)
-    n_used = int((np.abs(zps - med) <= sigma * std).sum()) if std > 0 else zps.size
-    zp = ZeroPoint(float(med), float(std), float(std / math.sqrt(max(n_used, 1))), n_used,
-                   len(mags))
+    errs = _MAG_PER_LN / snr[usable]
+    kept = ~sigma_clip(zps, sigma=sigma, maxiters=10, stdfunc="mad_std").mask
+    weight = 1.0 / (errs[kept] ** 2 + ZP_ERROR_FLOOR**2)
+    value = float(np.sum(weight * zps[kept]) / np.sum(weight))
+    zp = ZeroPoint(value, float(np.std(zps[kept])), float(np.sum(weight) ** -0.5),
+                   int(kept.sum()), len(mags))
     log.info("%szero point from %d of %d stars (eq. 3): %.4f +- %.4f mag (scatter %.4f)",
              f"{path}: " if path else "", zp.n_used, zp.n_total, zp.value, zp.error,
              zp.scatter)
@@ -347,6 +353,16 @@ def zeropoint_from_stars(
 
 
 # --------------------------------------------------------------------------- magdiff
+
+
+def _difference_photometry(ref, new, pos, new_to_ref, radii, mask_ref, mask_new,
+                           effective_gain) -> Table:
+    """:func:`aperture_flux` of ``new * new_to_ref - ref`` (one full-size float32 copy)."""
+    diff = np.asarray(new, dtype=np.float32) * np.float32(new_to_ref)
+    diff -= np.asarray(ref, dtype=np.float32)
+    masks = [m for m in (mask_ref, mask_new) if m is not None]
+    mask = np.logical_or.reduce(masks) if masks else None
+    return aperture_flux(diff, pos, *radii, mask=mask, effective_gain=effective_gain)
 
 
 def magdiff(
@@ -423,8 +439,12 @@ def magdiff(
         ``magdiff = |dmag|`` (eq. 1); ``lower_limit`` (bool, a side is a limit);
         ``brightened`` (``dmag > 0``); ``reversed`` (``dmag < 0``: the reference is the
         brighter image, so the paper swaps the pair to put the brighter image second);
-        ``m_diff`` (AB mag of the measured flux change ``|F_new - F_ref|``, on the
-        reference zero point) and ``snr_diff`` (its S/N).
+        ``m_diff`` (AB mag of the flux change ``|F_new - F_ref|`` measured in the
+        difference image ``new - ref``, on the reference zero point) and ``snr_diff``
+        (its S/N, with the noise of the difference image's annulus, so correct whether
+        or not the two images share their noise);
+        ``masked_frac`` (the larger fraction of the aperture masked or off the image in
+        either image; photometry with ``masked_frac > 0`` is biased low).
     """
     zp_new = zp_ref if zp_new is None else zp_new
     if zp_ref is None or not np.isfinite(zp_ref) or not np.isfinite(zp_new):
@@ -471,11 +491,12 @@ def magdiff(
         dmag = mag["ref"] - mag["new"]
         both_limits = (src["ref"] == "limit") & (src["new"] == "limit")
         dmag = np.where(both_limits, np.nan, dmag)
-        new_on_ref = flux["new"] * 10.0 ** (-0.4 * (zp["new"] - zp["ref"]))
-        change = new_on_ref - flux["ref"]
-        change_err = np.hypot(err["ref"], err["new"] * 10.0 ** (-0.4 * (zp["new"] - zp["ref"])))
+        ph_diff = _difference_photometry(ref, new, pos, 10.0 ** (-0.4 * (zp["new"] - zp["ref"])),
+                                         (r_ap, r_in, r_out), mask_ref, mask_new,
+                                         effective_gain)
+        change = k * np.asarray(ph_diff["flux"], float)
         m_diff = flux_to_mag(np.abs(change), zp["ref"])
-        snr_diff = np.abs(change) / change_err
+        snr_diff = np.abs(change) / (k * np.asarray(ph_diff["flux_err"], float))
 
     out = Table({"x": pos[:, 0], "y": pos[:, 1]})
     out["flux_ref"], out["flux_ref_err"] = flux["ref"], err["ref"]
@@ -489,6 +510,7 @@ def magdiff(
     out["reversed"] = dmag < 0
     out["m_diff"] = np.atleast_1d(m_diff) if n else np.zeros(0)
     out["snr_diff"] = snr_diff
+    out["masked_frac"] = np.maximum(ph_ref["masked_frac"], ph_new["masked_frac"])
     for name in ("m_ref", "m_new", "dmag", "magdiff", "m_diff"):
         out[name].unit = "mag"
     return out

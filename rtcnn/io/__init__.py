@@ -9,7 +9,7 @@ Every user mistake raises :class:`rtcnn.errors.RtcnnInputError` naming the file.
 This package never imports torch.
 """
 
-from rtcnn.io.catalogs import PairFiles, find_pairs, read_truth
+from rtcnn.io.catalogs import PairFiles, find_pairs, read_table, read_truth
 from rtcnn.io.fits import (
     ZEROPOINT_KEYWORDS,
     Image,
@@ -36,5 +36,6 @@ __all__ = [
     # catalogs
     "PairFiles",
     "find_pairs",
+    "read_table",
     "read_truth",
 ]

@@ -89,7 +89,7 @@ def read_truth(path: str | os.PathLike, image: Image | None = None,
         every position outside the image.
     """
     p = Path(path)
-    table = _read_table(p, format)
+    table = read_table(p, format)
     x, y = _positions(table, p, image)
     table["x"] = np.asarray(x, dtype=np.float64)
     table["y"] = np.asarray(y, dtype=np.float64)
@@ -160,7 +160,19 @@ def _is_pair_dir(d: Path, ref_name: str, new_name: str) -> bool:
     return d.is_dir() and ((d / ref_name).exists() or (d / new_name).exists())
 
 
-def _read_table(p: Path, format: str | None) -> Table:
+def read_table(path: str | os.PathLike, format: str | None = None) -> Table:
+    """Read any table (ECSV, FITS, CSV, text with a header) as-is, with one-line errors.
+
+    The format is guessed from the first bytes (FITS) or the name (``.ecsv``, ``.csv``,
+    else astropy's ``ascii`` guessing) unless ``format`` is given. No position handling:
+    see :func:`read_truth`.
+
+    Raises
+    ------
+    RtcnnInputError
+        Missing, empty or unreadable file; FITS file without a table HDU.
+    """
+    p = Path(path)
     if not p.exists():
         raise RtcnnInputError(p, "file not found")
     if not p.is_file():
@@ -187,6 +199,9 @@ def _read_table(p: Path, format: str | None) -> Table:
     except Exception as err:  # astropy's readers raise many kinds
         msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise RtcnnInputError(p, f"cannot be read as a {format} table ({msg})") from None
+
+
+_read_table = read_table  # old private name, still used by rtcnn.io.openuniverse
 
 
 def _first_table_hdu(p: Path) -> int:
