@@ -5,6 +5,7 @@ Poisson + read noise, gzipped 4-HDU FITS, 1-based non-AB truth, obseq table).
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -317,10 +318,20 @@ def test_reprojection_puts_stars_on_the_new_grid(ou_root):
 # ------------------------------------------------------------------- pair directories
 
 
-def test_prepare_pairs_writes_simulator_pair_dirs(ou_root, tmp_path):
+@pytest.fixture(scope="module")
+def prepared(ou_root, tmp_path_factory):
+    """The generated directory's pairs, written once as pair directories."""
+    root, _ = ou_root
+    out = tmp_path_factory.mktemp("pairs")
+    return out, ou.prepare_pairs(root, out)
+
+
+def test_prepare_pairs_writes_simulator_pair_dirs(ou_root, prepared, tmp_path):
     root, scene = ou_root
+    shutil.copytree(prepared[0], tmp_path / "pairs")
     out = tmp_path / "pairs"
-    dirs = ou.prepare_pairs(root, out)
+    stamp = (out / "H158_1_3_ref0_3" / "ref.fits").stat().st_mtime_ns
+    dirs = ou.prepare_pairs(root, out)  # finds the copies complete: writes nothing
     assert [d.name for d in dirs] == ["H158_1_3_ref0_3", "H158_2_3_ref0_3", "J129_4_3_ref3_3"]
     assert (out / "pairs.ecsv").is_file()
     found = find_pairs(out)
@@ -343,7 +354,6 @@ def test_prepare_pairs_writes_simulator_pair_dirs(ou_root, tmp_path):
     assert_allclose(cy, bright["y"], atol=0.15)
 
     # cached: a second call rewrites nothing; an edited list drops a pair directory
-    stamp = (dirs[0] / "ref.fits").stat().st_mtime_ns
     edited = tmp_path / "edited.ecsv"
     pairs = ou.read_pair_list(out / "pairs.ecsv")
     ou.write_pair_list(pairs[:2], edited)
@@ -356,7 +366,7 @@ def test_prepare_pairs_writes_simulator_pair_dirs(ou_root, tmp_path):
 # ------------------------------------------------------------------- data=openuniverse
 
 
-def test_data_config_trains_from_the_layout(ou_root, tmp_path):
+def test_data_config_trains_from_the_layout(ou_root, prepared, tmp_path):
     """``data=openuniverse data.root=DIR`` gives the DataModule batches of the contract."""
     import inspect
     from pathlib import Path
@@ -370,7 +380,7 @@ def test_data_config_trains_from_the_layout(ou_root, tmp_path):
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=[
-            "data=openuniverse", f"data.root={root}", f"data.pairs_dir={tmp_path / 'pairs'}",
+            "data=openuniverse", f"data.root={root}", f"data.pairs_dir={prepared[0]}",
             "data.num_workers=0", "data.persistent_workers=false", "data.batch_size=4",
             "data.progress=false", f"paths.data_dir={tmp_path}"])
     params = set(inspect.signature(OpenUniverseDataModule.__init__).parameters) - {
@@ -380,7 +390,7 @@ def test_data_config_trains_from_the_layout(ou_root, tmp_path):
     assert isinstance(dm, OpenUniverseDataModule)
     dm.prepare_data()
     dm.setup()
-    assert (tmp_path / "pairs" / "pairs.ecsv").is_file()
+    assert (prepared[0] / "pairs.ecsv").is_file() and dm.index.n_pairs == 3
     batch = next(iter(dm.train_dataloader()))
     assert tuple(batch["image"].shape[1:]) == (2, 64, 64)
     assert ((batch["target"] >= 0) & (batch["target"] <= 1)).all()
