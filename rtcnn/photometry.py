@@ -358,8 +358,8 @@ def zeropoint_from_stars(
 def _difference_photometry(ref, new, pos, new_to_ref, radii, mask_ref, mask_new,
                            effective_gain) -> Table:
     """:func:`aperture_flux` of ``new * new_to_ref - ref`` (one full-size float32 copy)."""
-    diff = np.asarray(new, dtype=np.float32) * np.float32(new_to_ref)
-    diff -= np.asarray(ref, dtype=np.float32)
+    diff = np.multiply(new, np.float32(new_to_ref), dtype=np.float32)
+    np.subtract(diff, ref, out=diff, dtype=np.float32)  # casts memmaps in chunks, no copy
     masks = [m for m in (mask_ref, mask_new) if m is not None]
     mask = np.logical_or.reduce(masks) if masks else None
     return aperture_flux(diff, pos, *radii, mask=mask, effective_gain=effective_gain)
