@@ -631,9 +631,9 @@ def _chip_radius(e: OUExposure) -> float:
 
 
 def _read_windows(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
-    from rtcnn.io.catalogs import _read_table
+    from rtcnn.io.catalogs import read_table
 
-    t = _read_table(Path(path), None)
+    t = read_table(Path(path))
     lower = {c.lower(): c for c in t.colnames}
     need = ("object_id", "start_mjd", "end_mjd")
     if not all(n in lower for n in need):
@@ -776,10 +776,10 @@ def read_pair_list(path: str | os.PathLike) -> Table:
 
     Missing ``name``/``band``/``truth_*`` columns are filled from the file names.
     """
-    from rtcnn.io.catalogs import _read_table
+    from rtcnn.io.catalogs import read_table
 
     p = Path(path)
-    t = _read_table(p, None)
+    t = read_table(p)
     for need in ("ref", "new"):
         if need not in t.colnames:
             raise RtcnnInputError(p, f"pair list needs columns ref and new (found: "
