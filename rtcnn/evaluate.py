@@ -17,6 +17,9 @@ weights and hyperparameters come from the checkpoint (``load_from_checkpoint``).
 set is the run's own ``data`` config (``<run>/.hydra/config.yaml``) unless ``data`` is
 overridden on the command line; without a run config, the composed ``data`` group.
 All logic is in :mod:`rtcnn.report` and the functions below; ``main`` only wires them.
+
+A checkpoint name with ``=`` (Lightning's ``epoch=3-step=120.ckpt``) must be quoted for
+Hydra's override parser: ``'ckpt_path="<run>/checkpoints/epoch=3-step=120.ckpt"'``.
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ def write_report(
     device: str = "cpu",
     meta: dict | None = None,
     max_tiles: int | None = None,
+    n_extremes: int = report.N_EXTREMES,
 ) -> dict:
     """Evaluate ``module`` on ``datamodule`` and write every report file into ``out_dir``.
 
@@ -174,6 +178,8 @@ def write_report(
         Extra provenance written into ``metrics.json`` and the tables (checkpoint...).
     max_tiles : int or None
         Limit per split (None: all tiles).
+    n_extremes : int
+        Best and worst tiles shown in ``best_worst_tiles.png``.
 
     Returns
     -------
@@ -193,7 +199,7 @@ def write_report(
         pred = report.predict_split(
             module, split_loader(datamodule, split),
             views=tuple(views) if report_split else ("identity",),
-            device=device, max_tiles=max_tiles,
+            device=device, n_extremes=n_extremes, max_tiles=max_tiles,
         )
         result["splits"][split] = report.split_metrics(pred)
         bright = pred.snr >= report.SNR_CUT
@@ -254,7 +260,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()
             "model": cfg.model._target_}
     result = write_report(module, datamodule, out_dir, splits=list(cfg.splits),
                           views=list(cfg.views), device=device, meta=meta,
-                          max_tiles=cfg.max_tiles)
+                          max_tiles=cfg.max_tiles, n_extremes=cfg.n_extremes)
     for line in metric_lines(result):
         log.info(line)
     log.info("report written to %s", out_dir)

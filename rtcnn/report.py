@@ -399,12 +399,16 @@ class ReportFigures(Callback):
         Evaluate at most this many test tiles (None: all).
     views : sequence of str
         D4 views for the robustness figure (first must be ``"identity"``).
+    n_extremes : int
+        Best and worst tiles drawn in ``report/best_worst_tiles``.
     """
 
-    def __init__(self, max_tiles: int | None = None, views: tuple[str, ...] = PAPER_VIEWS):
+    def __init__(self, max_tiles: int | None = None, views: tuple[str, ...] = PAPER_VIEWS,
+                 n_extremes: int = N_EXTREMES):
         super().__init__()
         self.max_tiles = max_tiles
         self.views = tuple(views)
+        self.n_extremes = int(n_extremes)
 
     def on_test_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or trainer.datamodule is None:
@@ -414,7 +418,8 @@ class ReportFigures(Callback):
         if not writers:
             return
         pred = predict_split(pl_module, trainer.datamodule.test_dataloader(), self.views,
-                             device=pl_module.device, max_tiles=self.max_tiles)
+                             device=pl_module.device, n_extremes=self.n_extremes,
+                             max_tiles=self.max_tiles)
         for name, fig in report_figures(pred).items():
             for w in writers:
                 w.add_figure(f"report/{name}", fig, global_step=trainer.global_step, close=False)

@@ -2,10 +2,12 @@
 
 import json
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from astropy.table import Table
+from torch.utils.data import DataLoader
 from numpy.testing import assert_allclose
 
 from rtcnn import augment, evaluate, report
@@ -67,10 +69,11 @@ class DifferenceCentroid(torch.nn.Module):
         return xy.float()
 
 
-class ListDataModule:
-    """The LightningDataModule interface the report uses, over fixed batches."""
+class ListDataModule(L.LightningDataModule):
+    """A LightningDataModule over fixed batches of the data contract."""
 
     def __init__(self, batches):
+        super().__init__()
         self.batches = batches
         self.stages = []
 
@@ -78,10 +81,10 @@ class ListDataModule:
         self.stages.append(stage)
 
     def val_dataloader(self):
-        return self.batches
+        return DataLoader(self.batches, batch_size=None)  # items are whole batches
 
     def test_dataloader(self):
-        return self.batches
+        return DataLoader(self.batches, batch_size=None)
 
 
 def test_oracle_robustness_zero_under_all_views():
@@ -149,7 +152,7 @@ def test_write_report_files_and_roundtrip(tmp_path):
     batches, true = _batches(n_tiles=10)
     dm = ListDataModule(batches)
     result = evaluate.write_report(DifferenceCentroid(with_dmag=True), dm, tmp_path / "ev",
-                                   meta={"checkpoint": "oracle"})
+                                   meta={"checkpoint": "oracle"}, n_extremes=1)
     out = tmp_path / "ev"
     for name in ("metrics.json", "predictions.ecsv", "robustness.ecsv", "error_distribution.png",
                  "error_vs_dmag_edge.png", "best_worst_tiles.png", "robustness.png"):
@@ -235,3 +238,23 @@ def test_predict_split_skips_tiles_without_transient_and_limits():
     limited = report.predict_split(DifferenceCentroid(), batches, views=("identity",),
                                    max_tiles=5)
     assert limited.pair == pred.pair[:5]
+
+
+def test_report_figures_callback_logs_to_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rtcnn.tasks import LocalizationTask
+
+    batches, _ = _batches(n_tiles=8)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer = L.Trainer(accelerator="cpu", logger=logger,
+                        callbacks=[report.ReportFigures(n_extremes=1)],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(LocalizationTask(net=DifferenceCentroid(), n_panels=0),
+                 datamodule=ListDataModule(batches), verbose=False)
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["images"])
+    assert {f"report/{k}" for k in ("error_distribution", "error_vs_dmag_edge",
+                                     "best_worst_tiles", "robustness")} <= tags
