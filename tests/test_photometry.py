@@ -15,6 +15,7 @@ from rtcnn.photometry import (
     flux_to_mag,
     mag_to_flux,
     magdiff,
+    roman_aperture_correction,
     zeropoint_from_stars,
 )
 
@@ -137,6 +138,14 @@ def test_aperture_correction_from_psf_and_from_stars(psf, star_field):
     assert cog.n_used >= 5 and cog.scatter < 0.02
     with pytest.raises(ValueError, match=r"needs psf=, or data= and xy="):
         aperture_correction(3.0)
+
+
+def test_roman_aperture_correction(apcorr):
+    roman_ac = roman_aperture_correction("H158", 7)  # SCA centre, as the `psf` fixture
+    assert roman_ac.factor == pytest.approx(apcorr.factor, rel=1e-4)
+    assert roman_aperture_correction("H158", 7) is roman_ac  # cached
+    boxed = roman_aperture_correction("H158", 7, box=64)  # total = light inside 64 px
+    assert 0.01 < roman_ac.mag - boxed.mag < 0.04
 
 
 def test_zeropoint_from_stars(star_field, apcorr, caplog):
@@ -333,6 +342,14 @@ def test_sim_zeropoint_eq3_matches_header(sim_pair):
     assert ref.zeropoint_source == "MAGZP"
     assert zp.value == pytest.approx(ref.zeropoint, abs=0.02)
     assert zp.n_used >= 5
+
+
+def test_sim_roman_aperture_correction(sim_pair):
+    """The Roman PSF aperture correction (box = the simulator's 64 px normalisation box)
+    matches the one from the simulator's own PSF model of the reference image."""
+    h = sim_pair["ref"].header
+    ac = roman_aperture_correction(h["BAND"], h["SCA"], (h["PSFSCAX"], h["PSFSCAY"]), box=64)
+    assert ac.mag == pytest.approx(sim_pair["apcorr"].mag, abs=0.01)
 
 
 def test_sim_bright_star_magnitudes(sim_pair):
