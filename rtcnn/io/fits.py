@@ -172,10 +172,13 @@ class Image:
             raise RtcnnInputError(path, f"image must be 2-D, got shape {arr.shape}")
         arr = arr.astype(np.float32, copy=False)
         mask = _bad_pixel_mask(arr, path)
-        return cls(arr, mask, wcs, zeropoint, unit, header if header is not None else
-                   fits.Header(), None if path is None else Path(path), band, exptime,
-                   0, None if zeropoint is None else "given",
-                   None if wcs is not None else "no WCS was given")
+        return cls(
+            data=arr, mask=mask, wcs=wcs, zeropoint=zeropoint, unit=unit,
+            header=header if header is not None else fits.Header(),
+            path=None if path is None else Path(path), band=band, exptime=exptime, hdu=0,
+            zeropoint_source=None if zeropoint is None else "given",
+            wcs_problem=None if wcs is not None else "no WCS was given",
+        )
 
 
 def pixel_to_sky(image: Image, x, y):
