@@ -821,6 +821,8 @@ def reproject_image(image: Image, target: Image, method: str = "adaptive") -> Im
     :func:`reproject.reproject_interp` (surface brightness conserved: right when the two
     grids have the same pixel area, e.g. dithers of one SCA). Bad input pixels propagate
     as NaN; output pixels not fully covered by the input (footprint < 1) are masked.
+    The coordinate round-trip check of ``reproject`` is skipped (``roundtrip_coords=
+    False``: half the time; the two grids overlap, so the mapping is invertible there).
 
     Returns
     -------
@@ -843,10 +845,12 @@ def reproject_image(image: Image, target: Image, method: str = "adaptive") -> Im
         if method == "adaptive":
             out, foot = reproject.reproject_adaptive(
                 (data, src_wcs), dst_wcs, shape_out=target.shape, conserve_flux=True,
-                boundary_mode="strict", bad_value_mode="strict", return_footprint=True)
+                boundary_mode="strict", bad_value_mode="strict", return_footprint=True,
+                roundtrip_coords=False)
         else:
             out, foot = reproject.reproject_interp(
-                (data, src_wcs), dst_wcs, shape_out=target.shape, return_footprint=True)
+                (data, src_wcs), dst_wcs, shape_out=target.shape, return_footprint=True,
+                roundtrip_coords=False)
     out = out.astype(np.float32)
     bad = ~np.isfinite(out) | (foot < 1.0 - 1e-6)
     out[bad] = np.nan
