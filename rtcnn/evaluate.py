@@ -222,8 +222,8 @@ def _jsonable(obj):
         return {k: _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
+    if isinstance(obj, float):
+        return float(f"{obj:.7g}") if np.isfinite(obj) else None  # float32 metrics: 7 digits
     return obj
 
 

@@ -198,12 +198,26 @@ def fig_error_vs_dmag_edge(
 
 
 def _stamp(ax, img: np.ndarray, true_xy, pred_xy, title: str) -> None:
+    """One tile on ``ax`` (``origin='lower'``) with the true (o) and predicted (x) position.
+
+    The axes keep the tile's extent; a prediction outside the tile is drawn on the
+    nearest tile edge as a hollow diamond and said so in the title.
+    """
+    n = img.shape[-1]
     norm = simple_norm(img, "asinh", percent=ASINH_PERCENT)
     ax.imshow(img, origin="lower", cmap="gray", norm=norm, interpolation="nearest")
     ax.scatter([true_xy[0]], [true_xy[1]], s=90, facecolors="none", edgecolors="lime", lw=1.5,
                label="true")
-    ax.scatter([pred_xy[0]], [pred_xy[1]], s=60, marker="x", color="red", lw=1.5,
-               label="predicted")
+    lo, hi = -0.5, n - 0.5
+    px, py = np.clip(pred_xy, lo, hi)
+    if np.allclose((px, py), pred_xy):
+        ax.scatter([px], [py], s=60, marker="x", color="red", lw=1.5, label="predicted")
+    else:
+        ax.scatter([px], [py], s=70, marker="D", facecolors="none", edgecolors="red", lw=1.5,
+                   label="predicted (outside)", clip_on=False)
+        title += f"\npredicted ({pred_xy[0]:.0f}, {pred_xy[1]:.0f}) outside the tile"
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
     ax.set_title(title, fontsize=8)
     ax.set_xlabel("x (px)", fontsize=8)
     ax.set_ylabel("y (px)", fontsize=8)

@@ -96,3 +96,17 @@ def test_fig_robustness(errors):
     assert "sorted by median" in fig.axes[0].get_xlabel()
     assert "sorted by std" in fig.axes[1].get_xlabel()
     _axes_labelled(fig)
+
+
+def test_fig_best_worst_tiles_prediction_outside_tile():
+    images = np.zeros((2, 2, 64, 64), np.float32)
+    images[:, 1, 30, 20] = 1.0
+    true = np.array([[20.0, 30.0], [20.0, 30.0]])
+    pred = np.array([[21.0, 30.0], [-5.0, -25.0]])  # the second lies outside the tile
+    fig = plots.fig_best_worst_tiles(images, true, pred, np.hypot(*(pred - true).T),
+                                     ["a", "b"], n_best=1)
+    for ax in fig.axes:
+        assert_allclose(ax.get_xlim(), (-0.5, 63.5))
+        assert_allclose(ax.get_ylim(), (-0.5, 63.5))
+    assert "outside the tile" in fig.axes[3].get_title()
+    assert "outside" not in fig.axes[0].get_title()
