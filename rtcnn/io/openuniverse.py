@@ -236,16 +236,35 @@ def _hdu(hdul: fits.HDUList, name: str, index: int, path: Path):
     raise RtcnnInputError(path, f"has no {name} HDU (HDUs: {', '.join(names)})")
 
 
+def _merged_header(hdul: fits.HDUList, path: Path) -> fits.Header:
+    """The ``SCI`` header plus the HDU 0 keywords it lacks (a copy)."""
+    header = _hdu(hdul, SCI_HDU, 1, path).header.copy()
+    for card in hdul[0].header.cards:  # roman_imsim writes the same header everywhere
+        if card.keyword and card.keyword not in header and card.keyword not in (
+                "SIMPLE", "EXTEND", "NAXIS", "BITPIX"):
+            header[card.keyword] = (card.value, card.comment)
+    return header
+
+
 def read_ou_header(path: str | os.PathLike) -> fits.Header:
-    """Header of the ``SCI`` HDU (falls back to HDU 0 keywords it lacks)."""
+    """Header of the ``SCI`` HDU (with the HDU 0 keywords it lacks), pixels not read."""
     p = Path(path)
     with _open(p) as hdul:
-        sci = _hdu(hdul, SCI_HDU, 1, p).header.copy()
-        for card in hdul[0].header.cards:
-            if card.keyword and card.keyword not in sci and card.keyword not in (
-                    "SIMPLE", "EXTEND", "NAXIS", "BITPIX"):
-                sci[card.keyword] = (card.value, card.comment)
-    return sci
+        return _merged_header(hdul, p)
+
+
+def header_zptmag(header: fits.Header, path: Path | None = None) -> float:
+    """``ZPTMAG`` of a header, or ``2.5 log10(EXPTIME * collecting area)`` (its definition
+    in ``roman_imsim``) when it is missing."""
+    zptmag = _header_float(header, "ZPTMAG", path, required=False)
+    if zptmag is None:
+        import galsim.roman
+
+        exptime = _header_float(header, "EXPTIME", path)
+        zptmag = 2.5 * math.log10(exptime * galsim.roman.collecting_area)
+        log.warning("%s: no ZPTMAG; using 2.5 log10(EXPTIME * collecting area) = %.4f",
+                    path, zptmag)
+    return zptmag
 
 
 def read_ou_image(path: str | os.PathLike, dq_bad_bits: int = DQ_BAD_BITS) -> Image:
@@ -282,11 +301,7 @@ def read_ou_image(path: str | os.PathLike, dq_bad_bits: int = DQ_BAD_BITS) -> Im
     with _open(p) as hdul:
         sci_hdu = _hdu(hdul, SCI_HDU, 1, p)
         sci_index = hdul.index_of(sci_hdu.name) if sci_hdu.name else 1
-        header = sci_hdu.header.copy()
-        for card in hdul[0].header.cards:  # roman_imsim writes the same header everywhere
-            if card.keyword and card.keyword not in header and card.keyword not in (
-                    "SIMPLE", "EXTEND", "NAXIS", "BITPIX"):
-                header[card.keyword] = (card.value, card.comment)
+        header = _merged_header(hdul, p)
         sci = np.asarray(sci_hdu.data, dtype=np.float32)
         names = [h.name.upper() for h in hdul]
         dq = np.asarray(hdul[names.index(DQ_HDU)].data) if DQ_HDU in names else None
@@ -298,13 +313,7 @@ def read_ou_image(path: str | os.PathLike, dq_bad_bits: int = DQ_BAD_BITS) -> Im
     exptime = _header_float(header, "EXPTIME", p)
     if exptime <= 0:
         raise RtcnnInputError(p, f"header EXPTIME must be > 0 s, got {exptime}")
-    zptmag = _header_float(header, "ZPTMAG", p, required=False)
-    if zptmag is None:
-        import galsim.roman
-
-        zptmag = 2.5 * math.log10(exptime * galsim.roman.collecting_area)
-        log.warning("%s: no ZPTMAG; using 2.5 log10(EXPTIME * collecting area) = %.4f",
-                    p, zptmag)
+    zptmag = header_zptmag(header, p)
     sky = _header_float(header, "SKY_MEAN", p, required=False)
     if sky is None:
         from astropy.stats import sigma_clipped_stats
@@ -320,7 +329,10 @@ def read_ou_image(path: str | os.PathLike, dq_bad_bits: int = DQ_BAD_BITS) -> Im
         bad |= (dq.astype(np.int64) & int(dq_bad_bits)) != 0
     if bad.all():
         raise RtcnnInputError(p, "every pixel is flagged bad (DQ) or not finite")
-    zp = ou_zeropoint(band, zptmag, exptime)
+    try:
+        zp = ou_zeropoint(band, zptmag, exptime)
+    except ValueError as err:
+        raise RtcnnInputError(p, str(err)) from None
     header["BUNIT"] = UNIT
     header["MAGZP"] = (zp, "AB mag of 1 e-/s")
     header["SKYLEVEL"] = (sky / exptime, "e-/s/pix sky subtracted (SKY_MEAN/EXPTIME)")
@@ -442,12 +454,7 @@ def read_ou_truth_for(image: Image, truth: str | os.PathLike | None = None,
                       offchip: str = "drop") -> Table:
     """Truth of an image read by :func:`read_ou_image` (path derived from the image's)."""
     path = Path(truth) if truth is not None else truth_path_for(image.path)
-    zptmag = _header_float(image.header, "ZPTMAG", image.path, required=False)
-    if zptmag is None:
-        import galsim.roman
-
-        zptmag = 2.5 * math.log10(image.exptime * galsim.roman.collecting_area)
-    return read_ou_truth(path, zptmag, image.shape, offchip)
+    return read_ou_truth(path, header_zptmag(image.header, image.path), image.shape, offchip)
 
 
 # ----------------------------------------------------------------------- obseq
@@ -575,11 +582,7 @@ def scan_ou(root: str | os.PathLike, bands: Iterable[str] | None = None,
         header = read_ou_header(f)
         mjd = _header_float(header, "MJD-OBS", f)
         exptime = _header_float(header, "EXPTIME", f)
-        zptmag = _header_float(header, "ZPTMAG", f, required=False)
-        if zptmag is None:
-            import galsim.roman
-
-            zptmag = 2.5 * math.log10(exptime * galsim.roman.collecting_area)
+        zptmag = header_zptmag(header, f)
         if seq is not None:
             if key.pointing >= len(seq):
                 raise RtcnnInputError(f, f"pointing {key.pointing} is beyond the "
