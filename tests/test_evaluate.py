@@ -1,6 +1,10 @@
 """The evaluation report: robustness mapping (oracle model), tables, files, the command."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -258,3 +262,67 @@ def test_report_figures_callback_logs_to_tensorboard(tmp_path):
     tags = set(acc.Tags()["images"])
     assert {f"report/{k}" for k in ("error_distribution", "error_vs_dmag_edge",
                                      "best_worst_tiles", "robustness")} <= tags
+
+
+# ----------------------------------------------------------------- the command, tiny run
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(args, tmp_path):
+    env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "rtcnn.evaluate", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real training run in miniature: sim pairs, a small attn5 fitted a few steps,
+    ``<run>/checkpoints/last.ckpt`` and ``<run>/.hydra/config.yaml`` with its data config."""
+    from omegaconf import OmegaConf
+
+    from rtcnn.models.attn5 import Attn5
+    from rtcnn.sim import simulate_dataset
+    from rtcnn.tasks import LocalizationTask
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    simulate_dataset(tmp / "data", 4, 128, "inject", 3, progress=False, n_transients=6)
+    data_cfg = {"_target_": "rtcnn.data.SimDataModule", "root": str(tmp / "data"), "pairs": 4,
+                "size": 128, "sim_seed": 3, "batch_size": 4, "num_workers": 0,
+                "persistent_workers": False, "val_fraction": 0.25, "test_fraction": 0.25,
+                "progress": False}
+    run = tmp / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"data": data_cfg}), run / ".hydra" / "config.yaml")
+    import hydra.utils
+
+    dm = hydra.utils.instantiate(data_cfg)
+    task = LocalizationTask(net=Attn5(filters=[4, 4, 4, 4, 4], hidden=8), n_panels=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(task, dm)
+    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def test_command_writes_every_file_in_a_new_eval_dir(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    proc = _run_cli([f"ckpt_path={ckpt}", "n_extremes=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out,) = (tiny_run / "eval").iterdir()
+    for name in ("metrics.json", "predictions.ecsv", "robustness.ecsv", "error_distribution.png",
+                 "error_vs_dmag_edge.png", "best_worst_tiles.png", "robustness.png",
+                 "evaluate.log", ".hydra/config.yaml"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(ckpt.resolve())
+    assert metrics["data"]["size"] == 128  # the run's own data config
+    test = Table.read(out / "predictions.ecsv", format="ascii.ecsv")
+    assert len(test) == metrics["splits"]["test"]["n_tiles"] > 0
+    assert "test: n=" in (out / "evaluate.log").read_text()
+
+
+def test_command_missing_checkpoint_is_one_line_exit_2(tmp_path):
+    proc = _run_cli([f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"rtcnn: error: {tmp_path / 'nope.ckpt'}: checkpoint not found"
