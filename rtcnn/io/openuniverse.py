@@ -621,16 +621,13 @@ def overlap_fraction(new: OUExposure, ref: OUExposure, samples: int = OVERLAP_SA
     return float(np.mean(inside))
 
 
-def _centre_sep(a: OUExposure, b: OUExposure) -> float:
-    ca = a.wcs.pixel_to_world((a.shape[1] - 1) / 2, (a.shape[0] - 1) / 2)
-    cb = b.wcs.pixel_to_world((b.shape[1] - 1) / 2, (b.shape[0] - 1) / 2)
-    return float(ca.separation(cb).deg)
-
-
-def _chip_radius(e: OUExposure) -> float:
-    c = e.wcs.pixel_to_world((e.shape[1] - 1) / 2, (e.shape[0] - 1) / 2)
-    corner = e.wcs.pixel_to_world(0, 0)
-    return float(c.separation(corner).deg)
+def _footprint(e: OUExposure) -> tuple[np.ndarray, float]:
+    """Unit vector of the chip centre and the centre-to-corner angle in rad."""
+    ny, nx = e.shape
+    sky = e.wcs.pixel_to_world([(nx - 1) / 2, 0.0], [(ny - 1) / 2, 0.0])
+    ra, dec = sky.spherical.lon.rad, sky.spherical.lat.rad
+    vec = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+    return vec[0], float(np.arccos(np.clip(vec[0] @ vec[1], -1.0, 1.0)))
 
 
 def _read_windows(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
@@ -707,7 +704,7 @@ def select_pairs(
     by_band: dict[str, list[OUExposure]] = {}
     for e in exposures:
         by_band.setdefault(e.key.band, []).append(e)
-    radius = {id(e): _chip_radius(e) for e in exposures}
+    foot = {id(e): _footprint(e) for e in exposures}  # cheap overlap pre-check
     for band, group in sorted(by_band.items()):
         group = sorted(group, key=lambda e: (e.mjd, e.key))
         for new in group:
@@ -723,7 +720,8 @@ def select_pairs(
                     continue
                 if mode == "quiet" and not _quiet(new, ref, win):
                     continue
-                if _centre_sep(new, ref) > radius[id(new)] + radius[id(ref)]:
+                (va, ra_), (vb, rb) = foot[id(new)], foot[id(ref)]
+                if np.arccos(np.clip(va @ vb, -1.0, 1.0)) > ra_ + rb:
                     continue
                 frac = overlap_fraction(new, ref)
                 if frac < min_overlap:
