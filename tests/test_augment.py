@@ -88,3 +88,19 @@ def test_apply_batch_matches_per_sample_and_keeps_nan():
 def test_unknown_element():
     with pytest.raises(ValueError, match="unknown D4 element 'spin'"):
         apply_image(torch.zeros(N, N), "spin")
+
+
+def test_numpy_path_matches_torch():
+    rng = np.random.default_rng(5)
+    imgs = rng.normal(size=(24, 2, N, N)).astype(np.float32)
+    xy = rng.uniform(0, N - 1, size=(24, 2, 2)).astype(np.float32)
+    elements = np.arange(24) % 8
+    out_t, xy_t = apply_batch(torch.from_numpy(imgs), torch.from_numpy(xy),
+                              torch.from_numpy(elements))
+    buf = np.empty_like(imgs)
+    out_n, xy_n = apply_batch(imgs, xy, elements, out=buf)
+    assert out_n is buf and isinstance(xy_n, np.ndarray)
+    assert_array_equal(out_n, out_t.numpy())
+    assert_array_equal(xy_n, xy_t.numpy())
+    for g in D4_NAMES:
+        assert_array_equal(apply_image(imgs[0], g), apply_image(torch.from_numpy(imgs[0]), g))

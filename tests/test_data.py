@@ -242,9 +242,10 @@ def test_nan_pixels_become_zero_and_asinh(tmp_path):
         if norm == "asinh":  # background ~0 and noise ~1/3 per px in units of asinh
             far = s["image"][0, 40:, :].numpy()
             assert abs(np.median(far)) < 0.05 and 0.25 < far.std() < 0.42
-    imgs = torch.tensor([[[[np.nan, 2.0], [4.0, 6.0]], [[np.inf, 6.0], [2.0, 2.0]]]])
-    out = normalize_tiles(imgs.clone(), "minmax")
-    assert_allclose(out.numpy(), [[[[0, 0], [0.5, 1]], [[0, 1], [0, 0]]]])
+    imgs = np.array([[[[np.nan, 2.0], [4.0, 6.0]], [[np.inf, 6.0], [2.0, 2.0]]]], np.float32)
+    out = normalize_tiles(imgs.copy(), "minmax")
+    assert_allclose(out, [[[[0, 0], [0.5, 1]], [[0, 1], [0, 0]]]])
+    assert_allclose(normalize_tiles(np.full((1, 2, 2, 2), 3.0, np.float32), "minmax"), 0.0)
 
 
 def test_tiles_are_read_lazily(sim_dm):
@@ -421,3 +422,18 @@ def test_hydra_config_instantiates_with_every_argument(name, cls, tmp_path):
     dm = instantiate(cfg.data)
     assert isinstance(dm, cls) and dm.root[0].startswith(str(tmp_path))
     assert dm.index_config.stride == cfg.data.tile_size - cfg.data.tile_overlap
+
+
+# --------------------------------------------------------------------------- bench
+@pytest.mark.slow  # starts a fresh python for the memory measurement (~10 s)
+def test_bench_data_smoke(sim_root, tmp_path, capsys):
+    from rtcnn.bench import main
+
+    res = main(["data", "--data", str(sim_root), "--workers", "0", "--repeats", "1",
+                "--out", str(tmp_path)])
+    data = res["data"]
+    assert data["throughput"][0]["tiles_per_s_median"] > 0
+    assert data["memory"]["tiles"] == 4 * n_tiles((256, 256))
+    assert 0 < data["memory"]["peak_rss_mib"] < 4096
+    assert (tmp_path / "bench-data.json").is_file()
+    assert "tiles/s" in capsys.readouterr().out

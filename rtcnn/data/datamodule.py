@@ -20,9 +20,14 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
 
-from rtcnn.data.dataset import ASINH_SOFTENING, EpochSampler, TileDataset, collate_tiles
+from rtcnn.data.dataset import (
+    ASINH_SOFTENING,
+    EpochSampler,
+    TileDataset,
+    TileLoader,
+    collate_tiles,
+)
 from rtcnn.data.index import (
     SAMPLE_KINDS,
     IndexConfig,
@@ -222,7 +227,7 @@ class PairDataModule(L.LightningDataModule):
         """Names of the pairs in ``split`` (after :meth:`setup`)."""
         return [str(self.index.pairs["name"][i]) for i in self.pair_ids[split]]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> TileLoader:
         if not self.datasets:
             self.setup()
         hp = self.hparams
@@ -233,22 +238,22 @@ class PairDataModule(L.LightningDataModule):
             extra["persistent_workers"] = bool(hp.persistent_workers)
             if hp.prefetch_factor is not None:
                 extra["prefetch_factor"] = int(hp.prefetch_factor)
-        return DataLoader(
+        return TileLoader(
             ds, batch_size=self.batch_size,
             sampler=EpochSampler(len(ds), shuffle=shuffle, seed=hp.seed),
             collate_fn=collate_tiles, num_workers=workers, pin_memory=bool(hp.pin_memory),
             drop_last=bool(hp.drop_last) and shuffle and len(ds) > self.batch_size, **extra)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> TileLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> TileLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> TileLoader:
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> TileLoader:
         return self._loader("test", shuffle=False)
 
 

@@ -35,12 +35,12 @@ number of workers and of how samples are batched. Keys are ``int`` (epoch 0) or
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from rtcnn.augment import D4_NAMES, apply_batch
 from rtcnn.data.index import SampleIndex
@@ -89,28 +89,27 @@ class TileReader:
             self._cache.popitem(last=False)
         return hit
 
-    def read(self, path: str, origins: np.ndarray, size: int, out: np.ndarray,
-             rows: np.ndarray, bad: np.ndarray | None = None) -> bool:
-        """Copy ``size x size`` tiles of ``path`` at ``origins`` (M, 2) (x0, y0) into ``out[rows]``.
+    def read_pair(self, paths: tuple[str, str], origins: np.ndarray, rows: np.ndarray,
+                  swap: np.ndarray, size: int, out: np.ndarray, bad: list) -> None:
+        """Copy the ``size x size`` tiles at ``origins`` (M, 2) (x0, y0) of a pair into ``out``.
 
-        ``out`` is (B, size, size) float32 (a view is fine); ``bad`` (B, size, size) bool
-        receives the bad-pixel mask in the same rows when given. Returns True when any of
-        the tiles has a masked pixel.
+        Tile ``i`` of the reference goes to ``out[rows[i], 0]`` and of the new image to
+        ``out[rows[i], 1]`` (the other way round where ``swap[i]``). For each copied tile
+        with masked pixels, ``(row, channel, mask)`` is appended to ``bad``.
         """
-        data, mask = self.open(path)
-        spots = list(zip(rows.tolist(), origins.tolist()))
-        for r, (x0, y0) in spots:
-            out[r] = data[y0:y0 + size, x0:x0 + size]
-        if mask is None:
-            return False
-        any_bad = False
-        for r, (x0, y0) in spots:
-            m = mask[y0:y0 + size, x0:x0 + size]
-            if m.any():
-                any_bad = True
-                if bad is not None:
-                    bad[r] = m
-        return any_bad
+        (ref, mref), (new, mnew) = self.open(paths[0]), self.open(paths[1])
+        spots = list(zip(rows.tolist(), origins[:, 0].tolist(), origins[:, 1].tolist(),
+                         swap.tolist()))
+        for r, x0, y0, s in spots:
+            out[r, s] = ref[y0:y0 + size, x0:x0 + size]
+            out[r, 1 - s] = new[y0:y0 + size, x0:x0 + size]
+        for mask, first in ((mref, True), (mnew, False)):
+            if mask is None:
+                continue
+            for r, x0, y0, s in spots:
+                m = mask[y0:y0 + size, x0:x0 + size]
+                if m.any():
+                    bad.append((r, s if first else 1 - s, m))
 
 
 def d4_elements(seed: int, epoch: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -126,48 +125,59 @@ def d4_elements(seed: int, epoch: np.ndarray, index: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(61)).astype(np.int64)  # top 3 bits: 0..7
 
 
-def normalize_tiles(images: torch.Tensor, method: str, bad: torch.Tensor | None = None,
-                    bkg: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                    softening: float = ASINH_SOFTENING) -> torch.Tensor:
+def normalize_tiles(images: np.ndarray, method: str, bad: np.ndarray | None = None,
+                    bkg: np.ndarray | None = None, noise: np.ndarray | None = None,
+                    softening: float = ASINH_SOFTENING) -> np.ndarray:
     """Normalise tile pairs ``(B, 2, n, n)`` in place; bad pixels end as 0.
+
+    numpy, not torch: on a few CPU cores numpy's reductions and copies are several times
+    faster than torch's for these sizes (see ``python -m rtcnn.bench data``).
 
     Parameters
     ----------
-    images : (B, 2, n, n) float32 tensor
+    images : (B, 2, n, n) float32 ndarray
         Raw pixel values (image units). NaN/inf allowed where ``bad`` is True.
     method : {'minmax', 'asinh', 'none'}
         'minmax' (the paper): each tile pair jointly scaled to 0-1 by its own finite
         minimum and maximum (a constant tile becomes 0). 'asinh': ``asinh((x - bkg) /
         (softening * noise))`` with the pair's robust per-image background ``bkg`` (B, 2)
-        and a common noise ``noise`` (B,) (image units); 0 is the background, 1 is about
-        ``softening`` sigma, a 10^4-sigma source about 8. 'none': unchanged.
-    bad : (B, 2, n, n) bool tensor, optional
+        and a common pixel noise ``noise`` (B,) (image units): 0 is the background, the
+        noise is about ``1/softening``, a 10^4-sigma peak about 8. 'none': unchanged.
+    bad : (B, 2, n, n) bool ndarray, optional
         Bad pixels (NaN/inf or masked); excluded from the statistics, then set to 0.
+        Found from the pixels when not given.
+
+    Returns
+    -------
+    images
     """
     if method not in NORMALIZATIONS:
         raise RtcnnInputError(None, f"normalization must be one of {NORMALIZATIONS}, "
                               f"got {method!r}")
-    if bad is None and not bool(torch.isfinite(images).all()):
-        bad = ~torch.isfinite(images)
+    if bad is None and not np.isfinite(images).all():
+        bad = ~np.isfinite(images)
     b = images.shape[0]
     if method == "minmax":
-        flat = images.view(b, -1)
+        flat = images.reshape(b, -1)
         if bad is None:
-            lo, hi = torch.aminmax(flat, dim=1)
+            lo, hi = flat.min(axis=1), flat.max(axis=1)
         else:
-            fbad = bad.view(b, -1)
-            lo = torch.where(fbad, torch.inf, flat).amin(dim=1)
-            hi = torch.where(fbad, -torch.inf, flat).amax(dim=1)
-            empty = ~torch.isfinite(lo)
+            fbad = bad.reshape(b, -1)
+            lo = np.where(fbad, np.inf, flat).min(axis=1)
+            hi = np.where(fbad, -np.inf, flat).max(axis=1)
+            empty = ~np.isfinite(lo)
             lo[empty], hi[empty] = 0.0, 1.0
         span = hi - lo
-        scale = torch.where(span > 0, 1.0 / span, torch.zeros_like(span))
-        flat.sub_(lo[:, None]).mul_(scale[:, None])
+        with np.errstate(divide="ignore"):
+            scale = np.where(span > 0, 1.0 / span, 0.0).astype(np.float32)
+        flat -= lo[:, None]
+        flat *= scale[:, None]
     elif method == "asinh":
-        images.sub_(bkg[:, :, None, None]).mul_((1.0 / (softening * noise))[:, None, None, None])
-        torch.asinh(images, out=images)
+        images -= bkg[:, :, None, None]
+        images *= (1.0 / (softening * noise)).astype(np.float32)[:, None, None, None]
+        np.arcsinh(images, out=images)
     if bad is not None:
-        images.masked_fill_(bad, 0.0)
+        images[bad] = 0.0
     return images
 
 
@@ -222,12 +232,13 @@ class TileDataset(Dataset):
         self.asinh_softening = float(asinh_softening)
         self.size = index.config.tile_size
         self.reader = TileReader()
+        self.ring_slots = 0  # shared-memory image slots per worker (set by TileLoader)
         pairs = index.pairs
         self._pair_names = pairs["name"].tolist()
         self._paths = (pairs["ref"].tolist(), pairs["new"].tolist())
         noise = pairs["noise"].astype(np.float64)
-        self._bkg = torch.from_numpy(pairs["bkg"].astype(np.float32))
-        self._noise = torch.from_numpy(np.sqrt(0.5 * (noise ** 2).sum(1)).astype(np.float32))
+        self._bkg = pairs["bkg"].astype(np.float32)
+        self._noise = np.sqrt(0.5 * (noise ** 2).sum(1)).astype(np.float32)
         ch = index.changes
         self._bright_mag = np.fmin(ch["mag_ref"], ch["mag_new"])
 
@@ -243,61 +254,86 @@ class TileDataset(Dataset):
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range 0..{len(self) - 1}")
         tiles = self.tile_ids[idx]
-        images, bad = self._read(tiles)
         pair = self.index.tiles["pair"][tiles]
         origin = self.index.tiles["origin"][tiles]
         members = self.index.members(tiles, self.k)
         meta = self._targets(members, origin)
-        img_t = torch.from_numpy(images)
-        bad_t = None if bad is None else torch.from_numpy(bad)
-        pt = torch.from_numpy(pair)
-        normalize_tiles(img_t, self.normalization, bad_t, self._bkg[pt], self._noise[pt],
+        rev = meta.pop("reversed") & self.reverse
+        xy = meta.pop("xy")
+        shared = get_worker_info() is not None
+        shape = (len(idx), 2, self.size, self.size)
+        image_t, out = self._output(shape, shared)
+        images = self._scratch(shape) if self.augment else out
+        bad = self._read(tiles, pair, origin, rev, images)
+        normalize_tiles(images, self.normalization, bad, self._bkg[pair], self._noise[pair],
                         self.asinh_softening)
-        rev = meta.pop("reversed")
-        if self.reverse and rev.any():
-            r = torch.from_numpy(rev)
-            img_t[r] = img_t[r].flip(1)
-        else:
-            rev = np.zeros_like(rev)
-        xy = torch.from_numpy(meta.pop("xy"))
         if self.augment:
-            g = torch.from_numpy(d4_elements(self.seed, epoch, idx))
-            img_t, xy = apply_batch(img_t, xy, g)
-        valid = torch.from_numpy(members >= 0)
-        return {
-            "image": img_t,
-            "target": (xy[:, 0] / self.size).contiguous(),
+            _, xy = apply_batch(images, xy, d4_elements(self.seed, epoch, idx), out=out)
+        batch = {
+            "image": image_t,
+            "target": xy[:, 0] / np.float32(self.size),
             "xy": xy,
-            "dmag": torch.from_numpy(meta["dmag"]),
-            "valid": valid,
-            "reversed": torch.from_numpy(rev),
+            "dmag": meta["dmag"],
+            "valid": members >= 0,
+            "reversed": rev,
             "pair": [self._pair_names[p] for p in pair.tolist()],
-            "origin": torch.from_numpy(origin.copy()),
-            "dmag_sel": torch.from_numpy(meta["dmag"][:, 0].copy()),
-            "edge_dist": torch.from_numpy(meta["edge_dist"]),
-            "mag": torch.from_numpy(meta["mag"]),
-            "snr": torch.from_numpy(meta["snr"]),
+            "origin": origin,
+            "dmag_sel": meta["dmag"][:, 0].copy(),
+            "edge_dist": meta["edge_dist"],
+            "mag": meta["mag"],
+            "snr": meta["snr"],
         }
+        # In a worker, the small arrays stay numpy (pickled by value); every tensor would
+        # cost a shared-memory file and a descriptor passed over a socket, several times
+        # the cost of the image itself. TileLoader turns them into tensors.
+        return batch if shared else as_tensors(batch)
 
     # internals -------------------------------------------------------------------------
-    def _read(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw tiles ``(B, 2, n, n)`` float32 and bad pixels (NaN/inf or masked), or None."""
-        n = self.size
-        b = len(tiles)
-        images = np.empty((b, 2, n, n), dtype=np.float32)
-        masked = np.zeros((b, 2, n, n), dtype=bool)
-        any_masked = False
-        pair = self.index.tiles["pair"][tiles]
-        origin = self.index.tiles["origin"][tiles]
+    def _output(self, shape: tuple[int, ...], in_worker: bool) -> tuple[torch.Tensor, np.ndarray]:
+        """The batch's image tensor and a numpy view of it to write into.
+
+        In a worker with ``ring_slots`` set (by :class:`TileLoader`), the tensor is the
+        next slot of a ring of shared-memory buffers allocated once per worker: sending it
+        costs a descriptor, not a fresh shared-memory file (page faults are dear, in a
+        VM especially). The loader copies each image out of its slot on arrival, before
+        the worker can come round to the slot again (the DataLoader keeps at most
+        ``prefetch_factor`` batches in flight per worker; ``ring_slots`` exceeds that).
+        """
+        if not (in_worker and self.ring_slots):
+            arr = np.empty(shape, dtype=np.float32)
+            return torch.from_numpy(arr), arr
+        ring = getattr(self, "_ring", None)
+        if ring is None or self._ring_pid != os.getpid() or ring[0].shape[0] < shape[0]:
+            ring = [torch.empty(shape).share_memory_() for _ in range(self.ring_slots)]
+            self._ring, self._ring_pid, self._ring_next = ring, os.getpid(), 0
+        slot = ring[self._ring_next][:shape[0]]
+        self._ring_next = (self._ring_next + 1) % len(ring)
+        return slot, slot.numpy()
+
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A private buffer reused across batches (per process) for pre-augmentation tiles."""
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.shape != shape or self._buf_pid != os.getpid():
+            buf = np.empty(shape, dtype=np.float32)
+            self._buf, self._buf_pid = buf, os.getpid()
+        return buf
+
+    def _read(self, tiles, pair, origin, swap, images) -> np.ndarray | None:
+        """Fill ``images`` (B, 2, n, n) with raw tiles (channels swapped where ``swap``).
+
+        Returns the bad-pixel mask (NaN/inf, or masked by the file) or None if all good.
+        """
+        bad: list = []
         for p in np.unique(pair).tolist():
             rows = np.flatnonzero(pair == p)
-            for c in (0, 1):
-                any_masked |= self.reader.read(self._paths[c][p], origin[rows], n,
-                                               images[:, c], rows, masked[:, c])
-        finite = bool(np.isfinite(images).all())
-        if finite and not any_masked:
-            return images, None
-        return images, masked | ~np.isfinite(images)
+            self.reader.read_pair((self._paths[0][p], self._paths[1][p]), origin[rows], rows,
+                                  swap[rows].astype(np.int64), self.size, images, bad)
+        if not bad and np.isfinite(images).all():
+            return None
+        mask = ~np.isfinite(images)
+        for r, c, m in bad:
+            mask[r, c] |= m
+        return mask
 
     def _targets(self, members: np.ndarray, origin: np.ndarray) -> dict:
         ch = self.index.changes
@@ -323,6 +359,12 @@ class TileDataset(Dataset):
         }
 
 
+def as_tensors(batch: dict) -> dict:
+    """Batch with every numpy array turned into a tensor (zero-copy ``torch.from_numpy``)."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+            for k, v in batch.items()}
+
+
 def collate_tiles(samples) -> dict:
     """Collate for :class:`TileDataset`: stacks sample dicts, keeps ``pair`` a list of str.
 
@@ -335,6 +377,57 @@ def collate_tiles(samples) -> dict:
         vals = [s[key] for s in samples]
         out[key] = list(vals) if isinstance(vals[0], str) else torch.stack(vals)
     return out
+
+
+class _TensorIter:
+    """Iterator over a DataLoader's batches: numpy fields → tensors, images out of the ring.
+
+    Keeps the last ``keep`` received ring tensors alive so that torch maps each worker's
+    shared-memory slot once (its cache is keyed by the file and holds weak references).
+    """
+
+    def __init__(self, it, copy_images: bool, keep: int):
+        self._it = it
+        self._copy = copy_images
+        self._recent = deque(maxlen=max(keep, 1))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._it)
+        if self._copy:
+            slot = batch["image"]
+            self._recent.append(slot)
+            batch["image"] = torch.from_numpy(slot.numpy().copy())
+        return as_tensors(batch)
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+
+class TileLoader(DataLoader):
+    """DataLoader for :class:`TileDataset` that delivers every field as a tensor.
+
+    With workers, each worker writes images into a small ring of shared-memory buffers
+    and sends the metadata as numpy arrays (see :meth:`TileDataset.__getitems__`); this
+    loader copies each image out of its slot as it arrives and turns the metadata into
+    tensors, in the main process. Same batches as without workers, several times faster
+    than sending fresh tensors on a small machine (``python -m rtcnn.bench data``).
+    """
+
+    def __init__(self, dataset, *args, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        self._ring = 0
+        if self.num_workers > 0 and isinstance(dataset, TileDataset):
+            self._ring = (self.prefetch_factor or 2) + 2
+            dataset.ring_slots = self._ring
+
+    def __iter__(self):
+        it = super().__iter__()
+        if self.num_workers == 0:
+            return it
+        return _TensorIter(it, self._ring > 0, self._ring * self.num_workers)
 
 
 class EpochSampler(Sampler):
@@ -373,5 +466,5 @@ class EpochSampler(Sampler):
         return iter([(i, e) for i in order.tolist()])
 
 
-__all__ = ["D4_NAMES", "EpochSampler", "NORMALIZATIONS", "TileDataset", "TileReader",
-           "collate_tiles", "d4_elements", "normalize_tiles"]
+__all__ = ["D4_NAMES", "EpochSampler", "NORMALIZATIONS", "TileDataset", "TileLoader",
+           "TileReader", "as_tensors", "collate_tiles", "d4_elements", "normalize_tiles"]
