@@ -231,7 +231,8 @@ def write_exposure(
     for i in np.flatnonzero(np.isfinite(mag)):
         coord = galsim.CelestialCoord(scene.ra[i] * galsim.degrees, scene.dec[i] * galsim.degrees)
         pos = wcs.toImage(coord)
-        if not (1 - EDGE_PIX <= pos.x <= size + EDGE_PIX and 1 - EDGE_PIX <= pos.y <= size + EDGE_PIX):
+        lo, hi = 1 - EDGE_PIX, size + EDGE_PIX
+        if not (lo <= pos.x <= hi and lo <= pos.y <= hi):
             continue
         flux = float(photon_counts(mag[i], band, p.exptime))
         realized = float(galsim.PoissonDeviate(gsrng, mean=flux)())
@@ -281,7 +282,8 @@ def write_exposure(
         fits.ImageHDU(dq, header=hdr, name="DQ", ver=1),
     ])
     stem = f"{band}_{pointing_id}_{sca}"
-    img_path = root / "images" / "simple_model" / band / str(pointing_id) / f"Roman_TDS_simple_model_{stem}.fits.gz"
+    img_path = (root / "images" / "simple_model" / band / str(pointing_id)
+                / f"Roman_TDS_simple_model_{stem}.fits.gz")
     img_path.parent.mkdir(parents=True, exist_ok=True)
     hdus.writeto(img_path, overwrite=True)
 
@@ -344,7 +346,8 @@ def make_ou_directory(
     pointings = small_sequence() if pointings is None else pointings
     scenes = []
     for k, sca in enumerate(scas):  # objects around the chip centre of the first pointing
-        c = chip_wcs(pointings[0], sca, size).toWorld(galsim.PositionD((size + 1) / 2, (size + 1) / 2))
+        mid = galsim.PositionD((size + 1) / 2, (size + 1) / 2)
+        c = chip_wcs(pointings[0], sca, size).toWorld(mid)
         sc = make_scene((c.ra.deg, c.dec.deg), n_stars, n_galaxies, n_transients, 0.42 * size,
                         seed + 1000 * k, window)
         sc.ids += 1_000_000 * k

@@ -1017,7 +1017,8 @@ def pair_header(img: Image, role: str, **extra) -> fits.Header:
     """Header of a pair-directory image: WCS and the simulator's keywords.
 
     ``BUNIT``, ``BAND``, ``EXPTIME``, ``MAGZP``, ``SKYLEVEL``, ``MJD-OBS``, ``SCA``,
-    ``POINTING`` (those known), ``PAIRROLE`` = ``role``, ``ORIGFILE``, ``REPROJ``, plus ``extra`` cards.
+    ``POINTING`` (those known), ``PAIRROLE`` = ``role``, ``ORIGFILE``, ``REPROJ``, plus
+    ``extra`` cards.
     """
     if img.wcs is not None and not hasattr(img.wcs, "to_header"):
         raise RtcnnInputError(img.path, "a pair image needs a FITS WCS (read ASDF images "
