@@ -1,0 +1,174 @@
+"""``python -m rtcnn.detect REF.fits NEW.fits --ckpt CKPT -o candidates.ecsv``: pair → catalog.
+
+Runs the dense detector (``model=dense``, :mod:`rtcnn.inference`) on a reference/new
+pair and writes the candidate catalog (:mod:`rtcnn.catalog`: ``x``, ``y`` 0-based px,
+``ra``, ``dec`` deg from the new image's WCS, ``dmag`` mag, ``brightened``, ``score``,
+with the inputs, the model and the threshold in the metadata), and on request a DS9
+region file.
+
+Also ``python -m rtcnn.detect DIR_OR_GLOB --ckpt CKPT -o OUTDIR``: every pair found
+(:func:`rtcnn.io.find_pairs`) gives ``OUTDIR/<pair name>.ecsv`` (and ``.reg`` with
+``--regions``); the next pair is read while the current one is processed.
+
+Options: ``--threshold`` (default: the checkpoint's, else 0.5), ``--mode``
+(auto | stamps | dense; auto = stamps on CPU, dense on GPU), ``--batch-size``,
+``--device`` (auto | cpu | cuda[:N]), ``--bf16``, ``--threads``, ``--overwrite``,
+``--no-progress``. Existing outputs are never replaced without ``--overwrite``; a user
+mistake prints ``rtcnn: error: <file>: <problem>`` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rtcnn.catalog import write_catalog, write_ds9_regions
+from rtcnn.errors import RtcnnInputError, cli_main
+from rtcnn.inference import MODES, detect_images, load_detector, resolve_device
+from rtcnn.io import find_pairs, read_pair
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5  # network score, when the checkpoint names none
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rtcnn.detect",
+        description="Detect transients in a reference/new image pair (or a directory / glob "
+        "of pairs) with the dense detector and write candidate catalogs (ECSV).",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="REF.fits NEW.fits, or one directory / glob of pair directories")
+    p.add_argument("--ckpt", required=True, help="detector checkpoint (.ckpt)")
+    p.add_argument("-o", "--output", required=True,
+                   help="catalog file (one pair) or output directory (several pairs)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="minimum score (default: the checkpoint's, else 0.5)")
+    p.add_argument("--regions", nargs="?", const="", default=None, metavar="REG",
+                   help="also write a DS9 region file (one pair: REG, default next to the "
+                   "catalog with .reg; several pairs: <name>.reg in the output directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="stamps around difference-image candidates (CPU default) or dense "
+                   "tiles over the whole image (GPU default)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="stamps (or dense tiles) per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise RtcnnInputError(None, f"--threshold must lie in [0, 1], got {args.threshold}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise RtcnnInputError(None, f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise RtcnnInputError(None, f"--threads must be >= 1, got {args.threads}")
+    if len(args.inputs) > 2:
+        raise RtcnnInputError(None, "give REF NEW, or one directory / glob of pairs")
+
+
+def _jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path, Path, Path | None]]:
+    """(name, ref, new, catalog path, region path or None) for every pair to process."""
+    if len(args.inputs) == 2:
+        ref, new = (Path(p) for p in args.inputs)
+        out = Path(args.output)
+        reg = None
+        if args.regions is not None:
+            reg = Path(args.regions) if args.regions else out.with_suffix(".reg")
+        return [(new.parent.name or new.stem, ref, new, out, reg)]
+    pairs = find_pairs(args.inputs[0])
+    outdir = Path(args.output)
+    if outdir.exists() and not outdir.is_dir():
+        raise RtcnnInputError(outdir, "is a file; several pairs need an output directory")
+    outdir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for pf in pairs:
+        safe = pf.name.replace("/", "_")
+        reg = outdir / f"{safe}.reg" if args.regions is not None else None
+        jobs.append((pf.name, pf.ref, pf.new, outdir / f"{safe}.ecsv", reg))
+    return jobs
+
+
+def _check_outputs(jobs, overwrite: bool) -> None:
+    """Refuse before any work when an output exists (unless overwriting)."""
+    if overwrite:
+        return
+    for _, _, _, cat, reg in jobs:
+        for path in (cat, reg):
+            if path is not None and path.exists():
+                raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
+
+
+def _load(ref: Path, new: Path):
+    """Read a pair and pull the pixels into memory (runs in the prefetch thread)."""
+    ref_img, new_img = read_pair(ref, new)
+    for img in (ref_img, new_img):
+        img.data = img.filled(float("nan"))  # native float32 in RAM; NaN stays masked
+    return ref_img, new_img
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Process every pair of ``args``; returns the catalog paths written."""
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    jobs = _jobs(args)
+    _check_outputs(jobs, args.overwrite)
+    net = load_detector(args.ckpt, device)
+    threshold = args.threshold
+    if threshold is None:
+        saved = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+        threshold = float((saved.get("hyper_parameters") or {}).get("threshold",
+                                                                    DEFAULT_THRESHOLD))
+    meta = {"model": os.fspath(args.ckpt), "model_name": "dense", "device": str(device)}
+    written = []
+    show = not args.no_progress
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load, jobs[0][1], jobs[0][2])
+        outer = tqdm(jobs, desc="pairs", unit="pair", disable=not show or len(jobs) == 1)
+        for i, (name, ref, new, cat_path, reg_path) in enumerate(outer):
+            ref_img, new_img = pending.result()
+            if i + 1 < len(jobs):  # read the next pair while this one runs
+                pending = pool.submit(_load, jobs[i + 1][1], jobs[i + 1][2])
+            with tqdm(desc=name, unit="stamp", disable=not show, leave=len(jobs) == 1) as bar:
+                table = detect_images(net, ref_img, new_img, threshold, mode=args.mode,
+                                      batch_size=args.batch_size, device=device,
+                                      bf16=args.bf16, progress=bar, meta=meta)  # fmt: skip
+            table.meta["ref"], table.meta["new"] = os.fspath(ref), os.fspath(new)
+            write_catalog(table, cat_path, overwrite=args.overwrite)
+            if reg_path is not None:
+                write_ds9_regions(table, reg_path, overwrite=args.overwrite)
+            log.info("%s: %d candidates -> %s (%.2f s)", name, len(table), cat_path,
+                     table.meta["seconds"])
+            written.append(cat_path)
+    return written
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m rtcnn.detect``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    written = run(args)
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

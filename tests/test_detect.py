@@ -1,0 +1,183 @@
+"""The catalog command ``python -m rtcnn.detect`` and the full-image inference behind it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from astropy.table import Table
+from numpy.testing import assert_allclose
+from torch.utils.data import DataLoader
+
+from rtcnn.catalog import CATALOG_COLUMNS
+from rtcnn.errors import RtcnnInputError
+from rtcnn.detect import main
+from rtcnn.inference import (
+    detect_dense,
+    detect_stamps,
+    extract_stamps,
+    find_candidates,
+    image_sigma,
+    load_detector,
+    stamp_origins,
+)
+from rtcnn.models.detector import DenseDetector
+
+SIZE = 128  # px, side of the simulated test pair
+LOW = "0.001"  # a threshold low enough that an untrained net reports candidates
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Two small simulated epochs-mode pairs (cosmic rays, variables, transients)."""
+    from rtcnn.sim import simulate_dataset
+
+    root = tmp_path_factory.mktemp("sim")
+    simulate_dataset(root, pairs=2, size=SIZE, mode="epochs", seed=11, progress=False,
+                     n_transients=6)  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A real Lightning checkpoint of a tiny DetectionTask after one training step."""
+    import lightning as L
+
+    from rtcnn.tasks.detection import DetectionTask
+
+    torch.manual_seed(0)
+    task = DetectionTask(DenseDetector(channels=(8, 8, 8), head_channels=8, prior=0.01))
+    xy = torch.tensor([[[20.0, 30.0]], [[40.5, 10.25]]])
+    batch = {"image": torch.randn(2, 2, 64, 64), "xy": xy, "valid": torch.ones(2, 1, dtype=bool),
+             "dmag": torch.ones(2, 1)}  # fmt: skip
+    loader = DataLoader([batch], batch_size=None)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    trainer.fit(task, loader)
+    path = tmp_path_factory.mktemp("ckpt") / "dense.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def _pair(root, i=0):
+    d = root / f"pair_{i:04d}"
+    return str(d / "ref.fits"), str(d / "new.fits")
+
+
+def test_load_detector_restores_the_weights(ckpt):
+    net = load_detector(ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert net.config["channels"] == [8, 8, 8] and not net.training
+    w = state["state_dict"]["net.body.0.0.weight"]
+    assert torch.equal(net.body[0][0].weight.detach(), w)
+
+
+def test_detect_writes_a_catalog_and_refuses_to_overwrite(pairs, ckpt, tmp_path, capsys):
+    ref, new = _pair(pairs)
+    out = tmp_path / "cand.ecsv"
+    args = [ref, new, "--ckpt", str(ckpt), "-o", str(out), "--threshold", LOW, "--regions",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    table = Table.read(out, format="ascii.ecsv")
+    assert tuple(table.colnames) == CATALOG_COLUMNS
+    assert len(table) > 0
+    assert str(table["x"].unit) == "pix" and str(table["ra"].unit) == "deg"
+    assert table.meta["ref"] == ref and table.meta["new"] == new
+    assert table.meta["model"] == str(ckpt) and table.meta["threshold"] == pytest.approx(0.001)
+    assert table.meta["mode"] == "stamps" and table.meta["n_candidates"] >= len(table)
+    assert np.all(np.diff(table["score"]) <= 0) and np.all(table["score"] >= 0.001)
+    assert np.all((table["x"] > -0.5) & (table["x"] < SIZE - 0.5))
+    assert np.all(np.asarray(table["dmag"]) >= 0)
+    reg = (tmp_path / "cand.reg").read_text().splitlines()
+    assert reg[3] == "image" and len(reg) == 4 + len(table)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "cand.ecsv: already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_detect_a_directory_of_pairs_in_dense_mode(pairs, ckpt, tmp_path):
+    outdir = tmp_path / "cats"
+    assert main([str(pairs), "--ckpt", str(ckpt), "-o", str(outdir), "--threshold", LOW,
+                 "--mode", "dense", "--no-progress"]) == 0  # fmt: skip
+    written = sorted(p.name for p in outdir.iterdir())
+    assert written == ["pair_0000.ecsv", "pair_0001.ecsv"]
+    table = Table.read(outdir / "pair_0001.ecsv", format="ascii.ecsv")
+    assert table.meta["mode"] == "dense" and table.meta["new"].endswith("pair_0001/new.fits")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ckpt", "missing.ckpt"], "missing.ckpt: no such checkpoint file"),
+        (["--threshold", "1.5"], "--threshold must lie in"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
+def test_detect_user_mistakes_exit_2(pairs, ckpt, tmp_path, capsys, extra, message):
+    ref, new = _pair(pairs)
+    args = [ref, new, "--ckpt", str(ckpt), "-o", str(tmp_path / "c.ecsv"), *extra]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_a_detector_is_refused(tmp_path, capsys, pairs):
+    bad = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": {"_target_": "torch.nn.Linear"}}},
+               bad)  # fmt: skip
+    ref, new = _pair(pairs)
+    with pytest.raises(SystemExit):
+        main([ref, new, "--ckpt", str(bad), "-o", str(tmp_path / "c.ecsv")])
+    assert "not a dense detector" in capsys.readouterr().err
+
+
+def test_candidates_find_a_faint_point_source_and_skip_flat_sky():
+    rng = np.random.default_rng(4)
+    ref = rng.normal(0, 1, (200, 200)).astype(np.float32)
+    new = rng.normal(0, 1, (200, 200)).astype(np.float32)
+    yy, xx = np.mgrid[0:200, 0:200]
+    new += (40 / (2 * np.pi)) * np.exp(-((xx - 120.3) ** 2 + (yy - 60.6) ** 2) / 2)  # S/N ~ 20
+    cand = find_candidates(new - ref)
+    assert 0 < len(cand) < 20  # a few noise peaks at most
+    assert cand.ix[0] == 120 and cand.iy[0] == 61  # the brightest candidate is the source
+    assert_allclose(image_sigma(ref, new, step=1), 1.0, rtol=0.05)
+
+
+def test_stamps_are_centred_and_kept_inside_the_image():
+    origins = stamp_origins(np.array([50, 2, 99]), np.array([40, 97, 0]), (100, 100), 32)
+    assert_allclose(origins, [[34, 24], [0, 68], [68, 0]])
+    aligned = stamp_origins(np.array([50, 2, 99]), np.array([40, 97, 0]), (100, 100), 32, 4)
+    assert_allclose(aligned, [[32, 24], [0, 68], [68, 0]])
+    with pytest.raises(RtcnnInputError, match="must be multiples of 4 px"):
+        stamp_origins(np.array([5]), np.array([5]), (99, 100), 32, 4)
+    img = np.arange(100 * 100, dtype=np.float32).reshape(100, 100)
+    st = extract_stamps(img, -img, origins, 32)
+    assert st.shape == (3, 2, 32, 32)
+    assert st[0, 0, 16, 16] == img[40, 50] and st[0, 1, 16, 16] == -img[40, 50]
+    assert st[2, 0, 0, 31] == img[0, 99]
+
+
+def test_stamps_and_dense_modes_agree_on_a_bright_source():
+    """Stamps are aligned with the network's cell grid: where a stamp holds a cell's whole
+    receptive field, stamps mode and dense (stitched) mode give identical detections."""
+    torch.manual_seed(1)
+    net = DenseDetector(channels=(8, 8, 8), head_channels=8, prior=0.5).eval()
+    rng = np.random.default_rng(5)
+    ref = rng.normal(0, 1, (256, 256)).astype(np.float32)
+    new = ref + rng.normal(0, 0.01, (256, 256)).astype(np.float32)
+    yy, xx = np.mgrid[0:256, 0:256]
+    new += (400 / (2 * np.pi)) * np.exp(-((xx - 101.2) ** 2 + (yy - 140.7) ** 2) / 2)
+    # 64 px stamps: the cells within 8 px of the candidate see only pixels of the stamp
+    stamps, cand = detect_stamps(net, ref, new, 0.0, candidate_snr=10.0, stamp_size=64,
+                                 accept_radius=8.0)  # fmt: skip
+    dense = detect_dense(net, ref, new, 0.0, tile=128, overlap=64)
+    assert len(cand) == 1 and len(stamps) >= 1
+    for x, y, score in zip(stamps.x, stamps.y, stamps.score):
+        j = np.argmin(np.hypot(dense.x - x, dense.y - y))
+        assert_allclose([dense.x[j], dense.y[j]], [x, y], atol=1e-3)
+        assert_allclose(dense.score[j], score, rtol=1e-4)
