@@ -34,7 +34,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rtcnn import plots, report
 from rtcnn.errors import RtcnnInputError, cli_main
@@ -135,9 +135,11 @@ def data_config(cfg: DictConfig, ckpt_path: Path, overrides: Sequence[str] = ())
     saved = OmegaConf.load(run_cfg)
     if "data" not in saved:
         return cfg.data
-    merged = OmegaConf.merge(cfg, {"data": saved.data})  # interpolations resolve against cfg
+    merged = cfg.copy()
+    with open_dict(merged):
+        merged.data = saved.data  # replaced whole (another DataModule may have other keys)
     log.info("data config from %s", run_cfg)
-    return merged.data
+    return merged.data  # its interpolations (${paths...}) resolve against this config
 
 
 def split_loader(datamodule, split: str):

@@ -16,11 +16,11 @@ import os
 import numpy as np
 from astropy.visualization import simple_norm
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
 FIG_DPI = 110  # dots per inch of saved PNGs
 ASINH_PERCENT = 99.5  # per cent of pixels inside the display range of image stamps
-PLOT_MAX_DISTANCE = 20.0  # px, histogram range; larger errors go to the last bin (paper fig. 5)
+PLOT_MAX_DISTANCE = 20.0  # px, widest histogram range; larger errors go to the last bin (fig. 5)
 ANGLE_LABEL = "error angle (deg; image frame: 0 = +x right, 90 = +y up, counter-clockwise)"
 
 
@@ -115,18 +115,22 @@ def fig_error_distribution(distance: np.ndarray, angle: np.ndarray, n_best: int 
     ax_d = fig.add_subplot(1, 3, 1)
     ax_a = fig.add_subplot(1, 3, 2)
     ax_p = fig.add_subplot(1, 3, 3, projection="polar")
-    n_out = int(np.sum(distance > PLOT_MAX_DISTANCE))
-    ax_d.hist(np.clip(distance, 0, PLOT_MAX_DISTANCE), bins=np.linspace(0, PLOT_MAX_DISTANCE, 81),
-              color="tab:blue")
+    top = PLOT_MAX_DISTANCE
+    if distance.size and np.isfinite(distance).all():
+        top = float(min(PLOT_MAX_DISTANCE, max(6.0, np.ceil(distance.max()))))
+    n_out = int(np.sum(distance > top))
+    ax_d.hist(np.clip(distance, 0, top), bins=np.linspace(0, top, 81), color="tab:blue")
     for r, ls in ((1, ":"), (2, "--"), (5, "-.")):
         ax_d.axvline(r, color="k", ls=ls, lw=1, label=f"{r} px: {np.mean(distance <= r):.1%}")
     ax_d.set_xlabel("distance predicted - true (px)")
     ax_d.set_ylabel("number of test tiles")
-    extra = f"; {n_out} above {PLOT_MAX_DISTANCE:g} px in last bin" if n_out else ""
+    extra = f"; {n_out} above {top:g} px in last bin" if n_out else ""
     ax_d.set_title(f"distance (N = {distance.size}{extra})", fontsize=10)
     ax_d.legend(fontsize=8)
     ax_a.hist(angle, bins=np.linspace(0, 360, 37), color="tab:orange")
     ax_a.set_xticks(np.arange(0, 361, 90))
+    for ax in (ax_d, ax_a):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_a.set_xlabel(ANGLE_LABEL, fontsize=9)
     ax_a.set_ylabel("number of test tiles")
     ax_a.set_title("error direction", fontsize=10)
@@ -137,7 +141,9 @@ def fig_error_distribution(distance: np.ndarray, angle: np.ndarray, n_best: int 
                  label=f"{best.size} most accurate")
     if distance.size:
         ax_p.set_rmax(max(1.0, min(float(np.nanmax(distance)), PLOT_MAX_DISTANCE)))
-    ax_p.set_title("angle (deg, image frame, 0 = +x, 90 = +y) vs distance (px)", fontsize=10)
+    ax_p.set_rlabel_position(22.5)
+    ax_p.set_title("angle (deg, image frame, 0 = +x, 90 = +y) vs distance (px)", fontsize=10,
+                   pad=18)
     ax_p.legend(fontsize=8, loc="lower left", bbox_to_anchor=(-0.15, -0.15))
     fig.tight_layout()
     return fig
@@ -218,7 +224,7 @@ def _stamp(ax, img: np.ndarray, true_xy, pred_xy, title: str) -> None:
         title += f"\npredicted ({pred_xy[0]:.0f}, {pred_xy[1]:.0f}) outside the tile"
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=7)
     ax.set_xlabel("x (px)", fontsize=8)
     ax.set_ylabel("y (px)", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -262,7 +268,7 @@ def fig_best_worst_tiles(
             for c, (img, what) in enumerate(((ref, "reference"), (new, "new"),
                                              (new - ref, "difference new - ref"))):
                 ax = fig.add_subplot(n_rows, 6, r * 6 + g * 3 + c + 1)
-                title = f"{name} {r + 1}: {what}\n{labels[i]}  d = {distance[i]:.2f} px"
+                title = f"{name} {r + 1}: {what}, d = {distance[i]:.2f} px\n{labels[i]}"
                 _stamp(ax, img, true_xy[i], pred_xy[i], title)
                 if r == 0 and c == 0:
                     ax.legend(fontsize=7, loc="upper right")

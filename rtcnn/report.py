@@ -373,7 +373,7 @@ def report_figures(pred: SplitPredictions) -> dict[str, Figure]:
     ex = pred.extremes
     if len(ex.get("index", [])):
         idx = ex["index"]
-        labels = [f"{pred.pair[i]} origin ({pred.origin[i, 0]}, {pred.origin[i, 1]})"
+        labels = [f"{pred.pair[i]}, tile origin ({pred.origin[i, 0]}, {pred.origin[i, 1]})"
                   for i in idx]
         figs["best_worst_tiles"] = plots.fig_best_worst_tiles(
             ex["images"], pred.true_xy[idx], pred.pred_xy[idx], dist[idx], labels, ex["n_best"]
