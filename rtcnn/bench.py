@@ -78,32 +78,34 @@ def machine() -> dict:
     }
 
 
-def _peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB.
-
-    Linux: ``VmHWM`` of ``/proc/self/status`` (reset by exec, unlike ``ru_maxrss``, which
-    a child started by ``subprocess`` inherits from its parent); elsewhere ``ru_maxrss``.
-    """
+def _proc_status_mib(key: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``...) in MiB, or None."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / (
-        1024.0 if sys.platform == "darwin" else 1.0)
+    return None
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB.
+
+    Linux: ``VmHWM`` (reset by exec, unlike ``ru_maxrss``, which a child started by
+    ``subprocess`` inherits from its parent); elsewhere ``ru_maxrss``.
+    """
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, else KiB
+    return rss / MIB if sys.platform == "darwin" else rss / 1024.0
 
 
 def _current_rss_mib() -> float:
     """Resident set size of this process now, MiB (Linux ``VmRSS``; else the peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return _peak_rss_mib()
+    rss = _proc_status_mib("VmRSS")
+    return _peak_rss_mib() if rss is None else rss
 
 
 def _cpu_seconds(pids) -> float:

@@ -169,6 +169,7 @@ def test_batch_contract(sim_dm):
         assert batch[key].shape == (b,) and torch.isfinite(batch[key]).all()
     assert torch.equal(batch["target"], batch["xy"][:, 0] / 64)
     assert torch.equal(batch["dmag_sel"], batch["dmag"][:, 0])
+    assert batch["dflux"].shape == (b, k) and (batch["dflux"][:, 0].abs() > 0).all()
     assert torch.isnan(batch["xy"][~batch["valid"]]).all()
     img = batch["image"]
     assert img.min() >= 0 and img.max() <= 1  # minmax: each tile pair jointly 0-1
@@ -203,7 +204,7 @@ def test_reversal_and_multiple_changes(synth_root):
     batch = ds.__getitems__(list(range(len(ds))))
     for i, name in enumerate(batch["pair"]):
         faded = name == "p1"
-        assert bool(batch["reversed"][i]) == faded
+        assert bool(batch["reversed"][i]) == faded == bool(batch["dflux"][i, 0] < 0)
         # after the reversal the brighter image is channel 1 at the target
         x, y = (batch["target"][i] * 64).round().long().tolist()
         assert batch["image"][i, 1, y, x] > batch["image"][i, 0, y, x]

@@ -18,7 +18,7 @@ from rtcnn.data.dataset import (
 )
 from rtcnn.data.index import IndexConfig, SampleIndex, build_index, load_or_build_index
 
-BATCH_KEYS = ("image", "target", "xy", "dmag", "valid", "reversed", "pair", "origin",
+BATCH_KEYS = ("image", "target", "xy", "dmag", "dflux", "valid", "reversed", "pair", "origin",
               "dmag_sel", "edge_dist", "mag", "snr")
 
 __all__ = [

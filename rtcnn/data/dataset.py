@@ -16,6 +16,9 @@ target         (B, 2) f4       (x, y) of the tile's brightest selected change / 
 xy             (B, K, 2) f4    tile positions (px) of the tile's selected changes,
                                brightest first, NaN padded
 dmag           (B, K) f4       their dmag (mag), NaN padded
+dflux          (B, K) f4       their signed flux change new - ref (reference image units,
+                               e.g. e-/s; > 0 brightened), NaN padded (an addition to the
+                               contract, for the detector's brightened/faded head)
 valid          (B, K) bool     True where a slot holds a change
 reversed       (B,) bool       channels were swapped (the source faded: ref brighter)
 pair           list[str]       pair name
@@ -246,10 +249,15 @@ class TileDataset(Dataset):
         return len(self.tile_ids)
 
     def __getitem__(self, key) -> dict:
-        batch = self.__getitems__([key])
+        """One sample: the batch fields without the batch axis (``pair`` a str)."""
+        batch = as_tensors(self._batch([key], in_worker=False))
         return {k: v[0] for k, v in batch.items()}
 
     def __getitems__(self, keys: Sequence) -> dict:
+        """A whole batch (what DataLoader calls with a batch's keys); see the module doc."""
+        return self._batch(keys, in_worker=get_worker_info() is not None)
+
+    def _batch(self, keys: Sequence, in_worker: bool) -> dict:
         idx, epoch = _split_keys(keys)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range 0..{len(self) - 1}")
@@ -260,9 +268,8 @@ class TileDataset(Dataset):
         meta = self._targets(members, origin)
         rev = meta.pop("reversed") & self.reverse
         xy = meta.pop("xy")
-        shared = get_worker_info() is not None
         shape = (len(idx), 2, self.size, self.size)
-        image_t, out = self._output(shape, shared)
+        image_t, out = self._output(shape, in_worker)
         images = self._scratch(shape) if self.augment else out
         bad = self._read(tiles, pair, origin, rev, images)
         normalize_tiles(images, self.normalization, bad, self._bkg[pair], self._noise[pair],
@@ -274,6 +281,7 @@ class TileDataset(Dataset):
             "target": xy[:, 0] / np.float32(self.size),
             "xy": xy,
             "dmag": meta["dmag"],
+            "dflux": meta["dflux"],
             "valid": members >= 0,
             "reversed": rev,
             "pair": [self._pair_names[p] for p in pair.tolist()],
@@ -286,7 +294,7 @@ class TileDataset(Dataset):
         # In a worker, the small arrays stay numpy (pickled by value); every tensor would
         # cost a shared-memory file and a descriptor passed over a socket, several times
         # the cost of the image itself. TileLoader turns them into tensors.
-        return batch if shared else as_tensors(batch)
+        return batch if in_worker else as_tensors(batch)
 
     # internals -------------------------------------------------------------------------
     def _output(self, shape: tuple[int, ...], in_worker: bool) -> tuple[torch.Tensor, np.ndarray]:
@@ -295,9 +303,13 @@ class TileDataset(Dataset):
         In a worker with ``ring_slots`` set (by :class:`TileLoader`), the tensor is the
         next slot of a ring of shared-memory buffers allocated once per worker: sending it
         costs a descriptor, not a fresh shared-memory file (page faults are dear, in a
-        VM especially). The loader copies each image out of its slot on arrival, before
-        the worker can come round to the slot again (the DataLoader keeps at most
-        ``prefetch_factor`` batches in flight per worker; ``ring_slots`` exceeds that).
+        VM especially). The loader copies each image out of its slot as the DataLoader
+        yields it. That is before the worker can come round to the slot again: the
+        DataLoader dispatches a new task only when it yields a batch, keeps at most
+        ``prefetch_factor * num_workers`` tasks between the last yielded batch and the
+        newest task, and deals tasks to the workers in turn, so a worker's task ``j`` is
+        dispatched after its task ``j - prefetch_factor - 1`` was yielded; ``ring_slots =
+        prefetch_factor + 2`` leaves one slot to spare.
         """
         if not (in_worker and self.ring_slots):
             arr = np.empty(shape, dtype=np.float32)
@@ -351,6 +363,7 @@ class TileDataset(Dataset):
         return {
             "xy": xy.astype(np.float32),
             "dmag": dmag.astype(np.float32),
+            "dflux": np.where(has, ch["dflux"][m], np.nan).astype(np.float32),
             "reversed": first & (ch["dflux"][sel] < 0),
             "edge_dist": np.where(first, edge_distance(xy[:, 0], self.size), nan
                                   ).astype(np.float32),
