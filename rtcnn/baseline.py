@@ -46,9 +46,11 @@ the FWHM scale were chosen on a *tuning* set (``python -m rtcnn.sim TUNE --mode 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +84,10 @@ RESIDUAL_FRACTION = 0.02  # eta: subtraction-residual noise per unit of local fl
 MODEL_ERROR = 0.15  # fractional PSF-model error in the fit's chi^2 (Gaussian vs Roman PSF)
 CHI2_MAX = 4.0  # maximum reduced chi^2 of the PSF fit (with MODEL_ERROR), tuned
 SHARP_SIGMA = 0.2  # px, Gaussian sigma of the "cosmic ray" profile (one or two pixels)
-SHARP_DCHI2 = 0.0  # reject when the sharp profile beats the PSF by more than this chi^2
+SHARP_RATIO = 0.1  # reject when (chi2_psf - chi2_sharp) / snr^2 exceeds this (tuned)
+MOMENT_SIGMA = 1.0  # px, Gaussian weight of the shape moments
+SIZE_MIN = 0.5  # px^2, smallest weighted second-moment size Ixx + Iyy (PSF: ~0.6-0.8)
+ELLIP_MAX = 0.4  # largest moment ellipticity (PSF: < 0.3; cosmic-ray tracks: ~0.5-1)
 PRE_THRESHOLD = 0.8  # peaks of the S/N map are kept down to this fraction of the threshold
 FIT_HALF = 2  # px, the PSF fit uses a (2 FIT_HALF + 1)^2 stamp
 FIT_ITERATIONS = 8  # Gauss-Newton iterations of the PSF fit
@@ -221,6 +226,54 @@ def snr_map(diff: np.ndarray, var: np.ndarray, fwhm: float) -> np.ndarray:
     return snr
 
 
+def _stamps(arr: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int, fill: float):
+    """``(N, 2 half + 1, 2 half + 1)`` float64 stamps centred on pixels ``(ix, iy)``."""
+    off = np.arange(-half, half + 1)
+    padded = np.pad(np.asarray(arr, dtype=np.float64), half, mode="constant",
+                    constant_values=fill)  # fmt: skip
+    rows = (np.asarray(iy)[:, None] + off[None, :] + half)[:, :, None]
+    cols = (np.asarray(ix)[:, None] + off[None, :] + half)[:, None, :]
+    return padded[rows, cols]
+
+
+def shape_moments(
+    diff: np.ndarray, x: np.ndarray, y: np.ndarray, sign: np.ndarray,
+    half: int = FIT_HALF, weight_sigma: float = MOMENT_SIGMA,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-weighted second moments of each candidate (the classical shape test).
+
+    On the ``(2 half + 1)^2`` stamp around ``(x, y)``, with the data multiplied by
+    ``sign`` (so a fading source is positive) and clipped at 0, weights
+    ``exp(-r^2 / 2 weight_sigma^2)`` about ``(x, y)``:
+    ``size = Ixx + Iyy`` (px^2) and ``ellipticity = sqrt((Ixx - Iyy)^2 + 4 Ixy^2) / size``.
+    A point source has the PSF's size and ellipticity near 0; a cosmic ray is smaller
+    (a sharp hit) or elongated (a track).
+
+    Returns
+    -------
+    size, ellipticity : (N,) float64
+        NaN where the stamp has no positive flux.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ny, nx = diff.shape
+    ix = np.clip(np.round(x).astype(np.int64), 0, nx - 1)
+    iy = np.clip(np.round(y).astype(np.int64), 0, ny - 1)
+    st = _stamps(diff, ix, iy, half, 0.0) * np.asarray(sign, dtype=np.float64)[:, None, None]
+    off = np.arange(-half, half + 1, dtype=np.float64)
+    dx = off[None, None, :] - (x - ix)[:, None, None]
+    dy = off[None, :, None] - (y - iy)[:, None, None]
+    w = np.exp(-(dx**2 + dy**2) / (2.0 * weight_sigma**2)) * np.clip(st, 0.0, None)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tot = w.sum(axis=(1, 2))
+        ixx = (w * dx * dx).sum(axis=(1, 2)) / tot
+        iyy = (w * dy * dy).sum(axis=(1, 2)) / tot
+        ixy = (w * dx * dy).sum(axis=(1, 2)) / tot
+        size = ixx + iyy
+        ellip = np.sqrt((ixx - iyy) ** 2 + 4.0 * ixy**2) / size
+    return size, ellip
+
+
 def fit_psf(
     diff: np.ndarray,
     var: np.ndarray,
@@ -263,15 +316,14 @@ def fit_psf(
     ix = np.asarray(ix, dtype=np.int64)
     iy = np.asarray(iy, dtype=np.int64)
     n = len(ix)
-    off = np.arange(-half, half + 1)
-    pad = half
-    dp = np.pad(np.asarray(diff, dtype=np.float64), pad, mode="constant")
-    vp = np.pad(np.asarray(var, dtype=np.float64), pad, mode="constant", constant_values=np.inf)
-    rows = (iy[:, None] + off[None, :] + pad)[:, :, None]  # (N, S, 1)
-    cols = (ix[:, None] + off[None, :] + pad)[:, None, :]  # (N, 1, S)
-    d = dp[rows, cols]  # (N, S, S)
-    w = np.where(np.isfinite(vp[rows, cols]), 1.0 / vp[rows, cols], 0.0)
-    u = off.astype(np.float64)
+    if n == 0:
+        z = np.zeros(0)
+        return {"x": z, "y": z, "flux": z, "flux_err": z, "snr": z, "chi2": z, "chi2_raw": z,
+                "ok": np.zeros(0, dtype=bool)}  # fmt: skip
+    d = _stamps(diff, ix, iy, half, 0.0)  # (N, S, S)
+    v = _stamps(var, ix, iy, half, np.inf)
+    w = np.where(np.isfinite(v), 1.0 / v, 0.0)
+    u = np.arange(-half, half + 1, dtype=np.float64)
     k = 1.0 / (math.sqrt(2.0) * sigma)
     c = 1.0 / (math.sqrt(2.0 * math.pi) * sigma)
 
@@ -336,16 +388,58 @@ def fit_psf(
             "ok": ok}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ShapeCuts:
+    """The candidate tests of :func:`find_changes` (module constants by default).
+
+    Attributes
+    ----------
+    size_min : float
+        Smallest moment size (px^2), :func:`shape_moments`; 0 disables.
+    ellip_max : float
+        Largest moment ellipticity; ``inf`` disables.
+    chi2_max : float
+        Largest reduced chi^2 of the PSF fit with ``model_error``; ``inf`` disables.
+    model_error : float
+        PSF model error as a fraction of the model's peak pixel (in that chi^2).
+    sharp_ratio : float
+        Largest ``(chi2_psf - chi2_sharp) / snr^2``: a profile much sharper than the PSF
+        (Gaussian sigma :data:`SHARP_SIGMA` px, a one- or two-pixel hit) is fitted too;
+        dividing by ``snr^2`` makes the test independent of brightness, since a
+        PSF-model mismatch and a cosmic ray both grow as ``snr^2`` with very different
+        coefficients. ``inf`` disables.
+    """
+
+    size_min: float = SIZE_MIN
+    ellip_max: float = ELLIP_MAX
+    chi2_max: float = CHI2_MAX
+    model_error: float = MODEL_ERROR
+    sharp_ratio: float = SHARP_RATIO
+
+    @classmethod
+    def off(cls) -> ShapeCuts:
+        """No test at all (every PSF-fitted peak above the threshold passes)."""
+        return cls(0.0, math.inf, math.inf, MODEL_ERROR, math.inf)
+
+    def passes(self, table: Table) -> np.ndarray:
+        """``(N,) bool``: the rows of a :func:`find_changes` table that pass."""
+        with np.errstate(invalid="ignore"):
+            return (
+                (np.asarray(table["size"]) >= self.size_min)
+                & (np.asarray(table["ellipticity"]) <= self.ellip_max)
+                & (np.asarray(table["chi2"]) <= self.chi2_max)
+                & (np.asarray(table["dchi2_sharp"]) <= self.sharp_ratio * np.asarray(table["snr"]) ** 2)
+            )  # fmt: skip
+
+
 def find_changes(
     diff: np.ndarray,
     var: np.ndarray,
     fwhm: float,
     threshold: float = BASELINE_THRESHOLD,
-    chi2_max: float = CHI2_MAX,
-    model_error: float = MODEL_ERROR,
-    sharp_dchi2: float = SHARP_DCHI2,
+    cuts: ShapeCuts | None = None,
 ) -> Table:
-    """Point-like changes in a difference image: matched filter, peaks, PSF fit, cuts.
+    """Point-like changes in a difference image: matched filter, peaks, PSF fit, shape tests.
 
     Parameters
     ----------
@@ -355,43 +449,38 @@ def find_changes(
         PSF FWHM in px.
     threshold : float
         Minimum PSF S/N ``|F| / sigma_F``.
-    chi2_max : float
-        Maximum reduced chi^2 of the PSF fit (``inf`` disables the cut).
-    model_error : float
-        Fractional PSF model error used in that chi^2.
-    sharp_dchi2 : float
-        Cosmic-ray test: a candidate is rejected when a profile much sharper than the
-        PSF (Gaussian sigma :data:`SHARP_SIGMA` px, a one- or two-pixel hit) fits the
-        stamp better than the PSF by more than this, ``chi2_psf - chi2_sharp >
-        sharp_dchi2`` (``inf`` disables the test).
+    cuts : ShapeCuts, optional
+        Cosmic-ray / artefact tests (default :class:`ShapeCuts`()); ``ShapeCuts.off()``
+        keeps every fitted peak (for tuning).
 
     Returns
     -------
     astropy.table.Table
         ``x``, ``y`` (px), ``flux``, ``flux_err`` (e-/s), ``snr`` (>= threshold),
-        ``chi2``, ``dchi2_sharp``, ``brightened``; sorted by decreasing S/N.
+        ``chi2``, ``dchi2_sharp`` (``chi2_psf - chi2_sharp``), ``size`` (px^2),
+        ``ellipticity``, ``brightened``; after non-maximum suppression, sorted by
+        decreasing S/N.
     """
+    cuts = ShapeCuts() if cuts is None else cuts
     snr = snr_map(diff, var, fwhm)
     pre = PRE_THRESHOLD * threshold
     peaks = [find_peaks(sign * snr, pre, min_distance=PEAK_RADIUS) for sign in (1.0, -1.0)]
     ix = np.concatenate([p[0] for p in peaks])
     iy = np.concatenate([p[1] for p in peaks])
-    fit = fit_psf(diff, var, ix, iy, psf_sigma(fwhm), model_error=model_error)
+    fit = fit_psf(diff, var, ix, iy, psf_sigma(fwhm), model_error=cuts.model_error)
     s = np.abs(fit["snr"])
-    good = fit["ok"] & (s >= threshold) & (fit["chi2"] <= chi2_max)
-    dchi2 = np.full(len(ix), -np.inf)
-    if good.any():
-        g = np.flatnonzero(good)
-        sharp = fit_psf(diff, var, ix[g], iy[g], SHARP_SIGMA, model_error=model_error)
-        dchi2[g] = fit["chi2_raw"][g] - sharp["chi2_raw"]
-        good &= dchi2 <= sharp_dchi2
-    sel = np.flatnonzero(good)
-    keep = sel[nms(fit["x"][sel], fit["y"][sel], s[sel], NMS_RADIUS)]
-    return Table({
-        "x": fit["x"][keep], "y": fit["y"][keep], "flux": fit["flux"][keep],
-        "flux_err": fit["flux_err"][keep], "snr": s[keep], "chi2": fit["chi2"][keep],
-        "dchi2_sharp": dchi2[keep], "brightened": fit["flux"][keep] > 0,
+    g = np.flatnonzero(fit["ok"] & (s >= threshold))
+    sharp = fit_psf(diff, var, ix[g], iy[g], SHARP_SIGMA, model_error=cuts.model_error)
+    size, ellip = shape_moments(diff, fit["x"][g], fit["y"][g], np.sign(fit["flux"][g]))
+    table = Table({
+        "x": fit["x"][g], "y": fit["y"][g], "flux": fit["flux"][g],
+        "flux_err": fit["flux_err"][g], "snr": s[g], "chi2": fit["chi2"][g],
+        "dchi2_sharp": fit["chi2_raw"][g] - sharp["chi2_raw"], "size": size,
+        "ellipticity": ellip, "brightened": fit["flux"][g] > 0,
     })  # fmt: skip
+    table = table[cuts.passes(table)]
+    keep = nms(table["x"], table["y"], table["snr"], NMS_RADIUS)
+    return table[keep]
 
 
 def run_baseline(
@@ -400,8 +489,7 @@ def run_baseline(
     threshold: float = BASELINE_THRESHOLD,
     fwhm: float | None = None,
     residual_fraction: float = RESIDUAL_FRACTION,
-    chi2_max: float = CHI2_MAX,
-    model_error: float = MODEL_ERROR,
+    cuts: ShapeCuts | None = None,
 ) -> Table:
     """Detect changes between two FITS images and return a candidate catalog.
 
@@ -413,8 +501,10 @@ def run_baseline(
         Minimum PSF S/N (sigma) of a reported change.
     fwhm : float, optional
         PSF FWHM in px; default from the header ``BAND`` (:data:`ROMAN_FWHM_PX`).
-    residual_fraction, chi2_max, model_error : float
-        See :data:`RESIDUAL_FRACTION`, :data:`CHI2_MAX`, :data:`MODEL_ERROR`.
+    residual_fraction : float
+        See :data:`RESIDUAL_FRACTION`.
+    cuts : ShapeCuts, optional
+        Candidate tests (default: the tuned module constants).
 
     Returns
     -------
@@ -435,7 +525,8 @@ def run_baseline(
     diff, r, n, mask = difference_image(ref, new)
     var, sigma_bkg = noise_variance(diff, r, n, ref.exptime, new.exptime, mask,
                                     residual_fraction)  # fmt: skip
-    found = find_changes(diff, var, fwhm, threshold, chi2_max, model_error)
+    cuts = ShapeCuts() if cuts is None else cuts
+    found = find_changes(diff, var, fwhm, threshold, cuts)
     xy = np.column_stack([found["x"], found["y"]])
     dmag = np.full(len(found), np.nan)
     zp = new.zeropoint
@@ -449,13 +540,14 @@ def run_baseline(
         "method": "difference image, PSF matched filter, PSF fit (rtcnn.baseline)",
         "threshold": float(threshold), "score": "PSF S/N of the flux change (sigma)",
         "fwhm_px": float(fwhm), "sigma_bkg": sigma_bkg, "residual_fraction": residual_fraction,
-        "chi2_max": chi2_max, "model_error": model_error,
+        **{f"cut_{k}": v for k, v in dataclasses.asdict(cuts).items()},
         "image_shape": [int(v) for v in new.shape],
         "masked_fraction": float(0.0 if mask is None else mask.mean()),
         "dmag": "|m_ref - m_new| (mag), aperture photometry, rtcnn.photometry.magdiff",
     }  # fmt: skip
     cat = make_catalog(found["x"], found["y"], found["snr"], dmag, found["brightened"], wcs, meta)
-    for name, unit in (("flux", "electron/s"), ("flux_err", "electron/s"), ("chi2", None)):
+    for name, unit in (("flux", "electron/s"), ("flux_err", "electron/s"), ("chi2", None),
+                       ("size", "pix2"), ("ellipticity", None)):
         cat[name] = np.asarray(found[name])  # already by decreasing S/N, as make_catalog sorts
         cat[name].unit = unit
     return cat

@@ -30,9 +30,9 @@ Definitions
   0.5 px. **dmag error**: median ``|dmag_cat - dmag_true|`` (mag) over matched transients
   and variables with both finite, ``dmag_true`` = the truth's ``dmag`` column when
   present, else ``|mag_ref - mag_new|`` where both magnitudes exist.
-* **Budget**: the catalog's score threshold is swept (detections with ``score >= t``);
-  the deepest m50 among thresholds with FP per SCA <= budget is reported with its
-  threshold. A catalog can only be swept above the threshold it was written with: write
+* **Budget**: the catalog's score threshold is swept (detections with ``score >= t``,
+  ``t`` over the catalog's scores); the deepest m50 among the lowest thresholds with FP
+  per SCA <= budget (m50 only falls as ``t`` rises) is reported with its threshold. A catalog can only be swept above the threshold it was written with: write
   catalogs with a low threshold for this.
 """
 
@@ -64,6 +64,7 @@ SNR_MIN = 5.0  # truth S/N above which "completeness at S/N >= 5" counts a trans
 MAG_BIN = 0.5  # mag, width of the completeness bins
 WITHIN_PX = 0.5  # px, "within 1/2 px" localisation fraction
 SWEEP_POINTS = 200  # most thresholds tried in the sweep (quantiles of the scores)
+SWEEP_FITS = 5  # m50 is fitted at this many of the lowest thresholds within the budget
 M50_MIN_OBJECTS = 10  # fewer transients than this give m50 = NaN
 
 
@@ -243,8 +244,8 @@ def fit_m50(mag: np.ndarray, detected: np.ndarray) -> dict[str, float]:
         return {**nan, "c_max": 1.0}
 
     def nll(p):
-        c = 1.0 / (1.0 + math.exp(-p[0]))
-        z = np.clip((mag - p[1]) / math.exp(p[2]), -50, 50)
+        c = 1.0 / (1.0 + math.exp(-min(max(p[0], -50.0), 50.0)))
+        z = np.clip((mag - p[1]) / math.exp(min(max(p[2], -20.0), 20.0)), -50, 50)
         prob = np.clip(c / (1.0 + np.exp(z)), 1e-12, 1 - 1e-12)
         return -np.sum(np.where(det, np.log(prob), np.log1p(-prob)))
 
@@ -256,8 +257,8 @@ def fit_m50(mag: np.ndarray, detected: np.ndarray) -> dict[str, float]:
                            options={"xatol": 1e-5, "fatol": 1e-7, "maxiter": 4000})  # fmt: skip
             if best is None or res.fun < best.fun:
                 best = res
-    c = 1.0 / (1.0 + math.exp(-best.x[0]))
-    m0, w = float(best.x[1]), math.exp(best.x[2])
+    c = 1.0 / (1.0 + math.exp(-min(max(best.x[0], -50.0), 50.0)))
+    m0, w = float(best.x[1]), math.exp(min(max(best.x[2], -20.0), 20.0))
     m50 = m0 + w * math.log(2.0 * c - 1.0) if c > 0.5 else math.nan
     return {"m50": float(m50), "c_max": float(c), "m0": m0, "width": float(w)}
 
@@ -454,11 +455,15 @@ def sweep(
                      c))  # fmt: skip
     best = {"budget": float(budget), "threshold": math.nan, "m50": math.nan,
             "fp_per_sca": math.nan, "completeness": math.nan, "completeness_snr": math.nan}
-    m50s = []
-    for t, fp, comp, c in rows:
-        m50 = fit_m50(c["mag"], c["det"])["m50"] if fp <= budget else math.nan
-        m50s.append(m50)
-        if fp <= budget and np.isfinite(m50) and not (m50 <= best["m50"]):
+    # m50 falls as the threshold rises, so the deepest m50 within the budget sits at the
+    # lowest thresholds that meet it: fit the SWEEP_FITS lowest (FP is not strictly
+    # monotonic in the threshold once the matching is redone, hence more than one).
+    m50s = [math.nan] * len(rows)
+    within = [i for i, r in enumerate(rows) if r[1] <= budget]
+    for i in within[:SWEEP_FITS]:
+        t, fp, comp, c = rows[i]
+        m50s[i] = m50 = fit_m50(c["mag"], c["det"])["m50"]
+        if np.isfinite(m50) and not (m50 <= best["m50"]):
             strong = np.isfinite(c["snr"]) & (c["snr"] >= snr_min)
             best.update(threshold=t, m50=m50, fp_per_sca=fp, completeness=comp,
                         completeness_snr=float(c["det"][strong].mean()) if strong.any()
