@@ -44,7 +44,9 @@ from rtcnn.errors import RtcnnInputError
 log = logging.getLogger(__name__)
 
 #: Header keywords holding an AB zero point (mag of 1 image unit), tried in this order.
-ZEROPOINT_KEYWORDS = ("MAGZP", "MAGZPT", "MAGZERO", "ZPAB", "PHOTZP", "ZEROPT", "ZPTMAG", "ZP")
+#: (Not OpenUniverse's ZPTMAG: it is 2.5 log10(EXPTIME * area), not an AB zero point of the
+#: image unit; rtcnn.io.openuniverse.read_ou_image converts it.)
+ZEROPOINT_KEYWORDS = ("MAGZP", "MAGZPT", "MAGZERO", "ZPAB", "PHOTZP", "ZEROPT", "ZP")
 #: Header keywords naming the band / filter, tried in this order.
 BAND_KEYWORDS = ("BAND", "FILTER", "FILTER1")
 #: Header keywords holding the exposure time in s, tried in this order.
