@@ -28,8 +28,10 @@ Definitions
   metadata, else the pair's FITS header, else ``--shape``). **Purity** = 1 - FP / detections.
 * **Localisation**: median distance (px) of matched transients and the fraction within
   0.5 px. **dmag error**: median ``|dmag_cat - dmag_true|`` (mag) over matched transients
-  and variables with both finite, ``dmag_true`` = the truth's ``dmag`` column when
-  present, else ``|mag_ref - mag_new|`` where both magnitudes exist.
+  and variables with both finite. ``dmag_true`` is, by default, the data layer's
+  definition (:func:`photometric_dmag`: paper eq. 1-2, truth magnitudes plus aperture
+  photometry of the pair's images, lower limits excluded); with ``--dmag-truth catalog``
+  or without images, the truth's ``dmag`` column, else ``|mag_ref - mag_new|``.
 * **Budget**: the catalog's score threshold is swept (detections with ``score >= t``,
   ``t`` over the catalog's scores); the deepest m50 among the lowest thresholds with FP
   per SCA <= budget (m50 only falls as ``t`` rises) is reported with its threshold. A catalog can only be swept above the threshold it was written with: write
@@ -96,8 +98,38 @@ def change_magnitude(mag_ref: np.ndarray, mag_new: np.ndarray) -> np.ndarray:
         return np.where(df > 0, -2.5 * np.log10(np.where(df > 0, df, 1.0)), np.nan)
 
 
-def truth_columns(truth: Table) -> dict[str, np.ndarray]:
+def photometric_dmag(truth: Table, ref_path, new_path) -> np.ndarray | None:
+    """Truth dmag as the data layer defines it, for every truth row.
+
+    :func:`rtcnn.photometry.magdiff` (paper eq. 1-2) with the truth magnitudes and
+    aperture photometry of the pair's images at the true positions: ``|m_ref - m_new|``
+    where an object is missing from one image is measured against the light at its
+    position there (a host galaxy). Rows where that light is below the detection limit
+    (``lower_limit``: a hostless transient) get NaN, a limit is not a value to compare.
+
+    Returns
+    -------
+    (M,) float64 or None
+        None when either image has no zero point.
+    """
+    from rtcnn.io import read_pair
+    from rtcnn.photometry import magdiff
+
+    ref, new = read_pair(ref_path, new_path)
+    if ref.zeropoint is None or new.zeropoint is None or len(truth) == 0:
+        return None
+    xy = np.column_stack([_masked_float(truth, "x"), _masked_float(truth, "y")])
+    tab = magdiff(ref.data, new.data, xy, _masked_float(truth, "mag_ref"),
+                  _masked_float(truth, "mag_new"), ref.zeropoint, new.zeropoint,
+                  mask_ref=ref.mask, mask_new=new.mask, effective_gain=new.exptime)  # fmt: skip
+    d = np.asarray(tab["magdiff"], dtype=np.float64)
+    return np.where(np.asarray(tab["lower_limit"], dtype=bool), np.nan, d)
+
+
+def truth_columns(truth: Table, dmag: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The truth values the score needs, as plain arrays of length M.
+
+    ``dmag`` overrides the truth's own dmag (e.g. :func:`photometric_dmag`).
 
     Returns
     -------
@@ -111,7 +143,9 @@ def truth_columns(truth: Table) -> dict[str, np.ndarray]:
         transient = np.asarray(truth["kind"]).astype(str) == "transient"
     else:
         transient = np.ones(len(truth), dtype=bool)
-    if "dmag" in truth.colnames:
+    if dmag is not None:
+        dmag = np.asarray(dmag, dtype=np.float64)
+    elif "dmag" in truth.colnames:
         dmag = _masked_float(truth, "dmag")
     else:
         dmag = np.abs(mag_ref - mag_new)  # NaN unless both magnitudes exist
@@ -311,10 +345,13 @@ class PairScore:
         return _assign(di, ti, dist, len(self.det_xy), len(self._truth_xy))
 
 
-def pair_score(name: str, catalog: Table, truth: Table, area: float) -> PairScore:
-    """Bundle one pair's catalog and truth for :func:`evaluate`."""
+def pair_score(
+    name: str, catalog: Table, truth: Table, area: float, truth_dmag: np.ndarray | None = None
+) -> PairScore:
+    """Bundle one pair's catalog and truth for :func:`evaluate` (``truth_dmag``: see
+    :func:`truth_columns`)."""
     return PairScore(
-        name=name, area=float(area), truth=truth_columns(truth),
+        name=name, area=float(area), truth=truth_columns(truth, truth_dmag),
         det_xy=np.column_stack([np.asarray(catalog["x"], float), np.asarray(catalog["y"], float)]),
         score=np.asarray(catalog["score"], dtype=np.float64),
         dmag=_masked_float(catalog, "dmag"),
@@ -501,13 +538,25 @@ def _read_truth(path: Path) -> Table:
     return read_truth(path)
 
 
+def _truth_dmag(truth: Table, truth_path: Path, photometry: bool) -> np.ndarray | None:
+    ref, new = truth_path.parent / "ref.fits", truth_path.parent / "new.fits"
+    if photometry and ref.is_file() and new.is_file():
+        return photometric_dmag(truth, ref, new)
+    return None
+
+
 def load_pairs(
     names: list[str],
     truth: list[str] | None,
     data: str | None,
     shape: tuple[int, int] | None = None,
+    photometry: bool = True,
 ) -> dict[str, list[PairScore]]:
     """Read every catalog and truth named on the command line.
+
+    With ``photometry`` and the pair's ``ref.fits``/``new.fits`` beside the truth, the
+    truth dmag is :func:`photometric_dmag`; otherwise the truth's ``dmag`` column or
+    ``|mag_ref - mag_new|``.
 
     Returns
     -------
@@ -522,9 +571,11 @@ def load_pairs(
             raise RtcnnInputError(None, "--truth takes one truth table; use --data for many pairs")
         tpath = Path(truth[0])
         t = _read_truth(tpath)
+        td = _truth_dmag(t, tpath, photometry)
         for n in names:
             cat = read_catalog(n)
-            out[n].append(pair_score(tpath.parent.name, cat, t, image_area(cat, tpath, shape)))
+            area = image_area(cat, tpath, shape)
+            out[n].append(pair_score(tpath.parent.name, cat, t, area, td))
         return out
     from rtcnn.io import find_pairs
 
@@ -533,10 +584,11 @@ def load_pairs(
         raise RtcnnInputError(data, "no pair directory with a truth table found")
     for pair in found:
         t = _read_truth(pair.truth)
+        td = _truth_dmag(t, pair.truth, photometry)
         for n in names:
             path = Path(n.format(pair=pair.name)) if "{pair}" in n else pair.truth.parent / n
             cat = read_catalog(path)
-            out[n].append(pair_score(pair.name, cat, t, image_area(cat, pair.truth, shape)))
+            out[n].append(pair_score(pair.name, cat, t, image_area(cat, pair.truth, shape), td))
     return out
 
 
@@ -612,6 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"truth S/N of 'completeness at S/N >= N' (default {SNR_MIN:g})")
     p.add_argument("--shape", type=int, nargs=2, default=None, metavar=("NY", "NX"),
                    help="image shape when neither the catalog nor a FITS header gives it")
+    p.add_argument("--dmag-truth", choices=("photometry", "catalog"), default="photometry",
+                   help="truth dmag: paper eq. 1-2 photometry on the pair's images (the "
+                   "data layer's definition; needs ref.fits/new.fits beside the truth) or "
+                   "|mag_ref - mag_new| from the truth table (default photometry)")
     p.add_argument("--plot", default=None, help="completeness-vs-magnitude PNG")
     p.add_argument("--json", default=None, help="write all numbers as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing --plot/--json")
@@ -634,7 +690,8 @@ def run(args) -> dict:
     for path in (args.plot, args.json):
         if path is not None and Path(path).exists() and not args.overwrite:
             raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
-    pairs = load_pairs(args.catalogs, args.truth, args.data, args.shape)
+    pairs = load_pairs(args.catalogs, args.truth, args.data, args.shape,
+                       photometry=args.dmag_truth == "photometry")
     results = {}
     bins = None
     all_mag = np.concatenate([p.truth["mag"][p.truth["transient"]]

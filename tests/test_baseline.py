@@ -160,3 +160,24 @@ def test_cli_bad_inputs(pair, tmp_path, capsys):
         baseline.main([str(pair / "ref.fits"), str(pair / "new.fits"), "-o",
                        str(tmp_path / "x.ecsv"), "--fwhm", "0.5"])  # fmt: skip
     assert "--fwhm 0.5 px is too small" in capsys.readouterr().err
+
+
+def test_scored_against_its_truth(pair, tmp_path):
+    """The pair's catalog scores perfectly; the photometric truth dmag of the variable
+    is |m_ref - m_new| and the hostless transients' (lower limits) are left out."""
+    from rtcnn.score import pair_score, evaluate, photometric_dmag
+
+    rows = [(x, y, np.nan, MAGZP - 2.5 * math.log10(f), "transient") for x, y, f in TRANSIENTS]
+    rows.append((FADED[0], FADED[1], MAGZP - 2.5 * math.log10(FADED[2]), np.nan, "transient"))
+    vx, vy, vref, vnew = VARIABLE
+    rows.append((vx, vy, MAGZP - 2.5 * math.log10(vref), MAGZP - 2.5 * math.log10(vnew),
+                 "variable"))  # fmt: skip
+    truth = Table(rows=rows, names=("x", "y", "mag_ref", "mag_new", "kind"))
+    td = photometric_dmag(truth, pair / "ref.fits", pair / "new.fits")
+    assert np.isnan(td[:3]).all()  # absent from one image, nothing underneath: limits
+    assert_allclose(td[3], 2.5 * math.log10(45 / 30), atol=0.02)
+    cat = run_baseline(pair / "ref.fits", pair / "new.fits")
+    r = evaluate([pair_score("p", cat, truth, SIZE * SIZE, td)])
+    assert r["completeness"] == 1.0 and r["n_false"] == 0 and r["sign_accuracy"] == 1.0
+    assert r["n_dmag"] == 1 and r["dmag_median_abs_err"] < 0.05
+    assert r["loc_median_px"] < 0.1
