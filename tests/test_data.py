@@ -401,6 +401,12 @@ def test_sim_datamodule_generates_then_reuses(tmp_path):
     assert (root / "pair_0000" / "ref.fits").stat().st_mtime_ns == mtime
     with pytest.raises(RtcnnInputError, match="size=128"):
         SimDataModule(str(root), **{**kw, "size": 256}).prepare_data()
+    with pytest.raises(RtcnnInputError, match=r"other scene parameters \(n_transients\)"):
+        SimDataModule(str(root), **{**kw, "scene": {**kw["scene"], "n_transients": 7}}
+                      ).prepare_data()
+    more = SimDataModule(str(root), **{**kw, "pairs": 4})  # one more pair: simulated again
+    more.prepare_data()
+    assert more.is_complete() and len(more.find_pairs()) == 4
 
 
 # --------------------------------------------------------------------------- configs
@@ -438,3 +444,15 @@ def test_bench_data_smoke(sim_root, tmp_path, capsys):
     assert 0 < data["memory"]["peak_rss_mib"] < 4096
     assert (tmp_path / "bench-data.json").is_file()
     assert "tiles/s" in capsys.readouterr().out
+
+
+def test_hparams_are_plain_for_safe_checkpoints(tmp_path):
+    """Instantiated from a config without ``_convert_``, no OmegaConf object reaches the
+    checkpoint's hyperparameters (``torch.load(weights_only=True)`` refuses them)."""
+    from hydra.utils import instantiate
+
+    dm = instantiate({"_target_": "rtcnn.data.SimDataModule", "root": str(tmp_path),
+                      "scene": {"forced_transients": [[1.0, 2.0, 20.0]]},
+                      "kinds": ["transient"]})
+    assert type(dm.hparams["scene"]) is dict and type(dm.hparams["kinds"]) is list
+    assert type(dm.scene["forced_transients"]) is list

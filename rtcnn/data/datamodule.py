@@ -99,6 +99,15 @@ def split_regions(index: SampleIndex, tile_ids: np.ndarray, val_fraction: float,
     return {s: np.asarray(v, dtype=np.int64) for s, v in out.items()}
 
 
+def _plain(value):
+    """OmegaConf containers → plain dicts/lists (what checkpoints can hold safely)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 class PairDataModule(L.LightningDataModule):
     """Tiles of image pairs, split by pair, streamed from memory-mapped FITS.
 
@@ -164,6 +173,7 @@ class PairDataModule(L.LightningDataModule):
                  drop_last: bool = True, cache_dir: str | None = None,
                  progress: bool = True):
         super().__init__()
+        kinds = _plain(kinds)
         if samples not in SAMPLE_KINDS:
             raise RtcnnInputError(None, f"samples must be one of {SAMPLE_KINDS}, got {samples!r}")
         if split not in SPLIT_MODES:
@@ -171,6 +181,9 @@ class PairDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise RtcnnInputError(None, f"batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters(logger=False)
+        for hp in (self.hparams, self._hparams_initial):  # also subclasses' arguments
+            for k, v in list(hp.items()):
+                hp[k] = _plain(v)
         radii = {k: v for k, v in (("r_ap", r_ap), ("r_in", r_in), ("r_out", r_out))
                  if v is not None}
         self.index_config = IndexConfig(
@@ -272,6 +285,7 @@ class FitsDataModule(PairDataModule):
     """
 
     def __init__(self, root: str | Sequence[str], **kwargs):
+        root = _plain(root)
         super().__init__(**kwargs)
         self.root = [os.fspath(root)] if isinstance(root, (str, os.PathLike)) else [
             os.fspath(r) for r in root]
@@ -316,6 +330,7 @@ class SimDataModule(FitsDataModule):
 
     def __init__(self, root: str, pairs: int = 24, size: int = 1024, mode: str = "inject",
                  sim_seed: int = 0, scene: dict | None = None, **kwargs):
+        scene = _plain(scene)
         super().__init__(root, **kwargs)
         self.sim_args = {"pairs": int(pairs), "size": int(size), "mode": str(mode),
                          "seed": int(sim_seed)}
@@ -340,12 +355,17 @@ class SimDataModule(FitsDataModule):
         log.info("simulating %d pairs of %d px (%s, seed %d) in %s", self.sim_args["pairs"],
                  self.sim_args["size"], self.sim_args["mode"], self.sim_args["seed"], root)
         root.mkdir(parents=True, exist_ok=True)
+        # a partial set (more pairs asked for, an interrupted run) is simulated again in
+        # full: the simulator is deterministic, so existing pairs come out identical
+        partial = any(d.exists() for d in self._pair_dirs())
         simulate_dataset(root, self.sim_args["pairs"], self.sim_args["size"],
-                         self.sim_args["mode"], self.sim_args["seed"], overwrite=False,
+                         self.sim_args["mode"], self.sim_args["seed"], overwrite=partial,
                          progress=bool(self.hparams.progress), **self.scene)
 
     def _check_params(self, root: Path) -> None:
-        """An existing set made with other size/mode/seed is an error, not a silent reuse."""
+        """An existing set made with other settings is an error, not a silent reuse."""
+        from rtcnn.sim.scene import resolve_params
+
         params = root / "pair_0000" / "params.json"
         if not params.is_file():
             return
@@ -359,6 +379,14 @@ class SimDataModule(FitsDataModule):
                 raise RtcnnInputError(
                     root, f"holds a simulated set with {key}={got[key]!r}, not {want!r}; "
                     "choose another data.root or delete the folder")
+        want = json.loads(json.dumps(resolve_params(self.sim_args["mode"],
+                                                     self.sim_args["size"], **self.scene)))
+        scene = got.get("scene", want)
+        differ = sorted(k for k in set(want) | set(scene) if want.get(k) != scene.get(k))
+        if differ:
+            raise RtcnnInputError(
+                root, f"holds a simulated set with other scene parameters "
+                f"({', '.join(differ)}); choose another data.root or delete the folder")
 
     def find_pairs(self) -> list:
         if not self.is_complete():
