@@ -37,6 +37,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rtcnn import plots, report
+from rtcnn.augment import D4_NAMES
 from rtcnn.errors import RtcnnInputError, cli_main
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,16 @@ def load_module(model_cfg: DictConfig, ckpt_path: str | Path, device: str = "cpu
 
 
 def data_config(cfg: DictConfig, ckpt_path: Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The ``data`` config to evaluate on: the run's own, unless ``data`` is overridden."""
-    overridden = any(o.lstrip("+~").split("=")[0].split(".")[0] == "data" for o in overrides)
+    """The ``data`` config to evaluate on.
+
+    ``data=<option>`` on the command line: the composed group, as given. Otherwise the
+    run's own ``data`` (``<run>/.hydra/config.yaml``) with any ``data.<key>=<value>``
+    overrides applied on top (e.g. ``data.num_workers=0``); without a run config, the
+    composed group.
+    """
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     run_cfg = run_dir_of(ckpt_path) / RUN_CONFIG
-    if overridden or not run_cfg.is_file():
+    if "data" in keys or not run_cfg.is_file():
         return cfg.data
     saved = OmegaConf.load(run_cfg)
     if "data" not in saved:
@@ -138,6 +145,9 @@ def data_config(cfg: DictConfig, ckpt_path: Path, overrides: Sequence[str] = ())
     merged = cfg.copy()
     with open_dict(merged):
         merged.data = saved.data  # replaced whole (another DataModule may have other keys)
+        for key in keys:
+            if key.startswith("data."):
+                OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
     log.info("data config from %s", run_cfg)
     return merged.data  # its interpolations (${paths...}) resolve against this config
 
@@ -248,12 +258,29 @@ def metric_lines(result: dict) -> list[str]:
     return lines
 
 
+def check_options(cfg: DictConfig) -> str:
+    """Check ``splits``, ``views``, ``device``, ``n_extremes``; return the torch device."""
+    splits = list(cfg.splits)
+    if not splits or any(s not in SPLITS for s in splits):
+        raise RtcnnInputError("splits", f"must be a non-empty list of {list(SPLITS)}, got {splits}")
+    views = list(cfg.views)
+    if not views or views[0] != "identity" or any(v not in D4_NAMES for v in views):
+        raise RtcnnInputError(
+            "views", f"must start with 'identity' and name D4 elements {list(D4_NAMES)}, got {views}")
+    if int(cfg.n_extremes) < 1:
+        raise RtcnnInputError("n_extremes", f"must be >= 1, got {cfg.n_extremes}")
+    device = str(cfg.device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RtcnnInputError("device", f"{device} requested but CUDA is not available here")
+    return device
+
+
 def evaluate(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
     """The whole command for a composed config: check, load, evaluate, write."""
+    device = check_options(cfg)
     ckpt = check_checkpoint(OmegaConf.select(cfg, "ckpt_path", default=None))
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     module = load_module(cfg.model, ckpt, device)
     data_cfg = data_config(cfg, ckpt, overrides)
     datamodule = hydra.utils.instantiate(data_cfg)

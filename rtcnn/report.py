@@ -262,7 +262,7 @@ def split_metrics(pred: SplitPredictions, select: np.ndarray | None = None) -> d
     Returns
     -------
     dict
-        ``n_tiles``; ``within1px``, ``within2px``, ``within5px`` (fractions, distance
+        ``n_tiles``, ``n_pairs``; ``within1px``, ``within2px``, ``within5px`` (fractions, distance
         <= r, from :class:`rtcnn.metrics.PixelDistance` as in training); ``dist_mean``,
         ``dist_std`` (population), ``dist_median``, ``dist_max`` (px); with a predicted
         magnitude change also ``dmag_mae``, ``dmag_rmse``, ``dmag_bias`` (mag,
@@ -273,6 +273,7 @@ def split_metrics(pred: SplitPredictions, select: np.ndarray | None = None) -> d
     metric.update(torch.as_tensor(pred.pred_xy[sel]), torch.as_tensor(pred.true_xy[sel]))
     out = {k: float(v) for k, v in metric.compute().items()}
     out["n_tiles"] = int(sel.sum())
+    out["n_pairs"] = len({p for p, k in zip(pred.pair, sel) if k})
     dist = pred.distance[sel]
     out["dist_median"] = float(np.median(dist)) if dist.size else float("nan")
     if pred.dmag_pred is not None:

@@ -167,7 +167,8 @@ def test_write_report_files_and_roundtrip(tmp_path):
                                                                  "test_snr10"}
     for split in ("val", "test"):
         m = metrics["splits"][split]
-        assert m["n_tiles"] == 10 and m["within1px"] == 1.0 and m["dist_max"] < 1e-3
+        assert m["n_tiles"] == 10 and m["n_pairs"] == 10
+        assert m["within1px"] == 1.0 and m["dist_max"] < 1e-3
         assert_allclose(m["dmag_mae"], 0.25, atol=1e-6)  # predicts -1.25, truth -1.5
         assert_allclose(m["dmag_bias"], 0.25, atol=1e-6)
     assert metrics["splits"]["test_snr10"]["n_tiles"] == 7  # snr 5 ... 30 per batch of 4/4/2
@@ -287,7 +288,7 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     simulate_dataset(tmp / "data", 4, 128, "inject", 3, progress=False, n_transients=6)
     data_cfg = {"_target_": "rtcnn.data.SimDataModule", "root": str(tmp / "data"), "pairs": 4,
-                "size": 128, "sim_seed": 3, "batch_size": 4, "num_workers": 0,
+                "size": 128, "sim_seed": 3, "scene": {"n_transients": 6}, "batch_size": 4, "num_workers": 0,
                 "persistent_workers": False, "val_fraction": 0.25, "test_fraction": 0.25,
                 "progress": False}
     run = tmp / "run"
@@ -326,3 +327,38 @@ def test_command_missing_checkpoint_is_one_line_exit_2(tmp_path):
     proc = _run_cli([f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"rtcnn: error: {tmp_path / 'nope.ckpt'}: checkpoint not found"
+
+
+def test_data_config_run_vs_overrides(tmp_path):
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"data": {"_target_": "Run", "root": "${paths.data_dir}/x",
+                                              "num_workers": 2}}), run / ".hydra/config.yaml")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    cfg = OmegaConf.create({"paths": {"data_dir": "/d"},
+                            "data": {"_target_": "Composed", "num_workers": 0, "size": 64}})
+    OmegaConf.set_struct(cfg, True)
+    got = evaluate.data_config(cfg, ckpt)
+    assert got._target_ == "Run" and got.root == "/d/x" and got.num_workers == 2
+    got = evaluate.data_config(cfg, ckpt, ["data.num_workers=0"])  # run's data, key replaced
+    assert got._target_ == "Run" and got.num_workers == 0 and "size" not in got
+    assert evaluate.data_config(cfg, ckpt, ["data=sim"])._target_ == "Composed"
+    assert evaluate.data_config(cfg, tmp_path / "bare" / "x.ckpt")._target_ == "Composed"
+
+
+@pytest.mark.parametrize(
+    "key, value, problem",
+    [("splits", ["train"], "must be a non-empty list"), ("views", ["rot90"], "must start with"),
+     ("views", ["identity", "spin"], "must start with"), ("n_extremes", 0, "must be >= 1")],
+)
+def test_check_options(key, value, problem):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"splits": ["val", "test"], "views": list(augment.PAPER_VIEWS),
+                            "n_extremes": 3, "device": "cpu"})
+    assert evaluate.check_options(cfg) == "cpu"
+    cfg[key] = value
+    with pytest.raises(evaluate.RtcnnInputError, match=problem):
+        evaluate.check_options(cfg)
