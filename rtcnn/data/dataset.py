@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from rtcnn.augment import D4_NAMES, apply_batch
+from rtcnn.augment import apply_batch
 from rtcnn.data.index import SampleIndex
 from rtcnn.errors import RtcnnInputError
 from rtcnn.tiles import edge_distance
@@ -479,5 +479,5 @@ class EpochSampler(Sampler):
         return iter([(i, e) for i in order.tolist()])
 
 
-__all__ = ["D4_NAMES", "EpochSampler", "NORMALIZATIONS", "TileDataset", "TileLoader",
+__all__ = ["EpochSampler", "NORMALIZATIONS", "TileDataset", "TileLoader",
            "TileReader", "as_tensors", "collate_tiles", "d4_elements", "normalize_tiles"]

@@ -46,6 +46,7 @@ INDEX_DIRNAME = ".rtcnn-index"  # cache folder created next to the data
 STATS_SAMPLES = 256  # rows/columns sampled per axis for the robust background/noise
 MEMBER_CHUNK = 512  # changes tested against all tiles at once (bounds a (N, chunk) bool)
 SAMPLE_KINDS = ("transient", "all")  # tiles with >= 1 selected change | every tile
+MAX_PAIR_WARNINGS = 10  # pairs named one by one in warnings before a summary line
 
 
 @dataclass(frozen=True)
@@ -541,9 +542,10 @@ def _measure(ref, new, x, y, mag_ref, mag_new, config, pair) -> dict:
     measured = (np.asarray(tab["flux_new"], float) * 10.0 ** (-0.4 * ((zp_new or 0.0) - zp0))
                 - np.asarray(tab["flux_ref"], float))
     dflux = np.where(np.isfinite(dflux), dflux, measured)
-    src = np.char.add(np.asarray(tab["src_ref"]).astype(str), np.asarray(tab["src_new"]).astype(str))
-    method = np.where(np.char.count(src, "limit") > 0, "limit",
-                      np.where(np.char.count(src, "aperture") > 0, "aperture", "catalog"))
+    sides = np.stack([np.asarray(tab["src_ref"]).astype(str),
+                      np.asarray(tab["src_new"]).astype(str)])
+    method = np.where((sides == "limit").any(0), "limit",
+                      np.where((sides == "aperture").any(0), "aperture", "catalog"))
     return {"dmag": np.asarray(tab["magdiff"], dtype=np.float64),
             "snr": np.asarray(tab["snr_diff"], dtype=np.float64), "dflux": dflux,
             "method": method, "zeropoint": (zp_ref, zp_new)}
@@ -615,11 +617,14 @@ def warn_empty_pairs(index: SampleIndex, pair_ids: np.ndarray, where: str | None
     pair_ids = np.asarray(pair_ids, dtype=np.int64)
     n_sel = index.selected_per_pair()[pair_ids]
     cfg = index.config
-    for pid in pair_ids[n_sel == 0]:
-        warnings.warn(
-            f"{index.pairs['name'][pid]}: no transient passes the visibility cut "
-            f"(min_dmag={cfg.min_dmag}, min_snr={cfg.min_snr}); pair skipped",
-            stacklevel=2)
+    cut = f"(min_dmag={cfg.min_dmag}, min_snr={cfg.min_snr})"
+    empty = pair_ids[n_sel == 0]
+    for pid in empty[:MAX_PAIR_WARNINGS]:
+        warnings.warn(f"{index.pairs['name'][pid]}: no transient passes the visibility cut "
+                      f"{cut}; pair skipped", stacklevel=2)
+    if len(empty) > MAX_PAIR_WARNINGS:
+        warnings.warn(f"{len(empty) - MAX_PAIR_WARNINGS} more pairs have no transient that "
+                      f"passes the visibility cut {cut}; skipped", stacklevel=2)
     if not (n_sel > 0).any():
         raise RtcnnInputError(
             where, f"none of the {len(pair_ids)} pairs has a transient that passes the "
