@@ -12,10 +12,11 @@ robustness summary), ``predictions.ecsv`` and ``robustness.ecsv`` (astropy, with
 ``error_distribution.png``, ``error_vs_dmag_edge.png``, ``best_worst_tiles.png``,
 ``robustness.png``, plus Hydra's ``.hydra/`` and ``evaluate.log``.
 
-The model class is ``model._target_`` of the composed config (``conf/eval.yaml``), its
-weights and hyperparameters come from the checkpoint (``load_from_checkpoint``). The data
-set is the run's own ``data`` config (``<run>/.hydra/config.yaml``) unless ``data`` is
-overridden on the command line; without a run config, the composed ``data`` group.
+The ``model`` and ``data`` configs are the run's own (``<run>/.hydra/config.yaml``), with
+``model.<key>=``/``data.<key>=`` overrides applied on top; ``model=<option>`` or
+``data=<option>`` picks a composed group instead, as does a run without a saved config.
+The model class is ``model._target_`` (a :class:`rtcnn.tasks.LocalizationTask`); its
+weights and hyperparameters come from the checkpoint (``load_from_checkpoint``).
 All logic is in :mod:`rtcnn.report` and the functions below; ``main`` only wires them.
 
 A checkpoint name with ``=`` (Lightning's ``epoch=3-step=120.ckpt``) must be quoted for
@@ -27,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rtcnn import plots, report
 from rtcnn.augment import D4_NAMES
 from rtcnn.errors import RtcnnInputError, cli_main
+from rtcnn.tasks import LocalizationTask
 
 log = logging.getLogger(__name__)
 
@@ -107,49 +110,70 @@ def check_checkpoint(ckpt_path) -> Path:
     if not path.is_file():
         raise RtcnnInputError(path, "checkpoint is not a file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        # weights_only: never run code from a file named on the command line (as Lightning)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise RtcnnInputError(path, f"not a readable PyTorch checkpoint ({type(err).__name__})") from None
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise RtcnnInputError(
+            path, f"not a readable PyTorch checkpoint ({type(err).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise RtcnnInputError(path, "not a Lightning checkpoint (no 'state_dict')")
     return path
 
 
 def load_module(model_cfg: DictConfig, ckpt_path: str | Path, device: str = "cpu"):
-    """Load the LightningModule class ``model_cfg._target_`` from ``ckpt_path`` (eval mode)."""
-    cls = hydra.utils.get_class(model_cfg._target_)
+    """Load the LightningModule class ``model_cfg._target_`` from ``ckpt_path`` (eval mode).
+
+    The class must be a :class:`rtcnn.tasks.LocalizationTask` (the report needs
+    ``forward`` -> (B, 2) positions); weights and hyperparameters come from the checkpoint.
+    """
+    target = str(model_cfg._target_)
+    try:
+        cls = hydra.utils.get_class(target)
+    except Exception:  # noqa: BLE001 - hydra raises plain Exception / ImportError variants
+        raise RtcnnInputError("model._target_", f"cannot import {target!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, LocalizationTask)):
+        raise RtcnnInputError(
+            ckpt_path, f"was trained as {target}; rtcnn.evaluate reports localisation models "
+            "(LocalizationTask, e.g. model=attn5); score detectors with rtcnn.detect / rtcnn.score")
     try:
         module = cls.load_from_checkpoint(str(ckpt_path), map_location=device)
-    except (RuntimeError, KeyError, TypeError) as err:
-        raise RtcnnInputError(
-            ckpt_path, f"does not load into {model_cfg._target_} ({str(err).splitlines()[0]})"
-        ) from None
+    except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise RtcnnInputError(ckpt_path, f"does not load into {target} ({first})") from None
     return module.eval()
 
 
-def data_config(cfg: DictConfig, ckpt_path: Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The ``data`` config to evaluate on.
+def _overridden(overrides: Sequence[str]) -> list[str]:
+    """The keys of command-line overrides (``+``/``~``/``++`` prefixes and values dropped)."""
+    return [o.lstrip("+~").split("=", 1)[0] for o in overrides]
 
-    ``data=<option>`` on the command line: the composed group, as given. Otherwise the
-    run's own ``data`` (``<run>/.hydra/config.yaml``) with any ``data.<key>=<value>``
+
+def run_group_config(
+    cfg: DictConfig, ckpt_path: Path, group: str, overrides: Sequence[str] = ()
+) -> DictConfig:
+    """The ``group`` ('data' or 'model') config to evaluate with.
+
+    ``<group>=<option>`` on the command line: the composed group, as given. Otherwise the
+    run's own ``<group>`` (``<run>/.hydra/config.yaml``) with any ``<group>.<key>=<value>``
     overrides applied on top (e.g. ``data.num_workers=0``); without a run config, the
     composed group.
     """
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    keys = _overridden(overrides)
     run_cfg = run_dir_of(ckpt_path) / RUN_CONFIG
-    if "data" in keys or not run_cfg.is_file():
-        return cfg.data
+    if group in keys or not run_cfg.is_file():
+        return cfg[group]
     saved = OmegaConf.load(run_cfg)
-    if "data" not in saved:
-        return cfg.data
+    if group not in saved:
+        return cfg[group]
     merged = cfg.copy()
     with open_dict(merged):
-        merged.data = saved.data  # replaced whole (another DataModule may have other keys)
+        merged[group] = saved[group]  # replaced whole (another class may have other keys)
         for key in keys:
-            if key.startswith("data."):
+            if key.startswith(f"{group}."):
                 OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
-    log.info("data config from %s", run_cfg)
-    return merged.data  # its interpolations (${paths...}) resolve against this config
+    log.info("%s config from %s", group, run_cfg)
+    return merged[group]  # its interpolations (${paths...}) resolve against this config
 
 
 def split_loader(datamodule, split: str):
@@ -281,12 +305,13 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()
     """The whole command for a composed config: check, load, evaluate, write."""
     device = check_options(cfg)
     ckpt = check_checkpoint(OmegaConf.select(cfg, "ckpt_path", default=None))
-    module = load_module(cfg.model, ckpt, device)
-    data_cfg = data_config(cfg, ckpt, overrides)
+    model_cfg = run_group_config(cfg, ckpt, "model", overrides)
+    module = load_module(model_cfg, ckpt, device)
+    data_cfg = run_group_config(cfg, ckpt, "data", overrides)
     datamodule = hydra.utils.instantiate(data_cfg)
     meta = {"checkpoint": str(ckpt.resolve()), "run_dir": str(run_dir_of(ckpt)),
             "data": OmegaConf.to_container(data_cfg, resolve=True),
-            "model": cfg.model._target_}
+            "model": str(model_cfg._target_)}
     result = write_report(module, datamodule, out_dir, splits=list(cfg.splits),
                           views=list(cfg.views), device=device, meta=meta,
                           max_tiles=cfg.max_tiles, n_extremes=cfg.n_extremes)

@@ -329,7 +329,7 @@ def test_command_missing_checkpoint_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip() == f"rtcnn: error: {tmp_path / 'nope.ckpt'}: checkpoint not found"
 
 
-def test_data_config_run_vs_overrides(tmp_path):
+def test_run_group_config_run_vs_overrides(tmp_path):
     from omegaconf import OmegaConf
 
     run = tmp_path / "run"
@@ -340,12 +340,23 @@ def test_data_config_run_vs_overrides(tmp_path):
     cfg = OmegaConf.create({"paths": {"data_dir": "/d"},
                             "data": {"_target_": "Composed", "num_workers": 0, "size": 64}})
     OmegaConf.set_struct(cfg, True)
-    got = evaluate.data_config(cfg, ckpt)
+    got = evaluate.run_group_config(cfg, ckpt, "data")
     assert got._target_ == "Run" and got.root == "/d/x" and got.num_workers == 2
-    got = evaluate.data_config(cfg, ckpt, ["data.num_workers=0"])  # run's data, key replaced
+    got = evaluate.run_group_config(cfg, ckpt, "data", ["data.num_workers=0"])  # key replaced
     assert got._target_ == "Run" and got.num_workers == 0 and "size" not in got
-    assert evaluate.data_config(cfg, ckpt, ["data=sim"])._target_ == "Composed"
-    assert evaluate.data_config(cfg, tmp_path / "bare" / "x.ckpt")._target_ == "Composed"
+    assert evaluate.run_group_config(cfg, ckpt, "data", ["data=sim"])._target_ == "Composed"
+    bare = tmp_path / "bare" / "x.ckpt"
+    assert evaluate.run_group_config(cfg, bare, "data")._target_ == "Composed"
+
+
+def test_load_module_rejects_non_localization_models(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"_target_": "rtcnn.tasks.detection.DetectionTask"})
+    with pytest.raises(evaluate.RtcnnInputError, match="reports localisation models"):
+        evaluate.load_module(cfg, tmp_path / "x.ckpt")
+    with pytest.raises(evaluate.RtcnnInputError, match="cannot import"):
+        evaluate.load_module(OmegaConf.create({"_target_": "rtcnn.nowhere.Model"}), "x.ckpt")
 
 
 @pytest.mark.parametrize(
