@@ -456,3 +456,16 @@ def test_hparams_are_plain_for_safe_checkpoints(tmp_path):
                       "kinds": ["transient"]})
     assert type(dm.hparams["scene"]) is dict and type(dm.hparams["kinds"]) is list
     assert type(dm.scene["forced_transients"]) is list
+
+
+def test_other_loaders_never_inherit_the_shared_memory_ring(sim_dm):
+    from torch.utils.data import DataLoader
+
+    from rtcnn.data.dataset import TileLoader
+
+    ds = sim_dm.datasets["train"]
+    ring_batches = list(TileLoader(ds, batch_size=4, collate_fn=collate_tiles, num_workers=1))
+    assert ds.ring_slots == 0
+    plain = list(DataLoader(ds, batch_size=4, collate_fn=collate_tiles, num_workers=1))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ring_batches, plain))
+    assert all(isinstance(b["image"], torch.Tensor) for b in ring_batches)

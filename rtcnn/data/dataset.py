@@ -434,12 +434,18 @@ class TileLoader(DataLoader):
         self._ring = 0
         if self.num_workers > 0 and isinstance(dataset, TileDataset):
             self._ring = (self.prefetch_factor or 2) + 2
-            dataset.ring_slots = self._ring
 
     def __iter__(self):
-        it = super().__iter__()
         if self.num_workers == 0:
-            return it
+            return super().__iter__()
+        # the workers started here take a copy of the dataset with the ring switched on;
+        # the dataset itself keeps it off, so that no other loader (one that would not
+        # copy images out of the slots) inherits it
+        self.dataset.ring_slots = self._ring
+        try:
+            it = super().__iter__()
+        finally:
+            self.dataset.ring_slots = 0
         return _TensorIter(it, self._ring > 0, self._ring * self.num_workers)
 
 
