@@ -1,7 +1,9 @@
 """Score candidate catalogs against the truth: completeness, m50, false positives per SCA.
 
 ``python -m rtcnn.score CATALOG [CATALOG ...] --truth TRUTH.ecsv`` scores catalogs of one
-pair (several catalogs = several methods compared), and
+pair (several catalogs = several methods compared);
+``python -m rtcnn.score CATALOG TRUTH [CATALOG TRUTH ...]`` scores one method over the
+given (catalog, truth) pairs; and
 ``python -m rtcnn.score NAME [NAME ...] --data DIR`` scores every pair directory found under
 ``DIR`` (or a glob): ``NAME`` is the catalog's file name inside each pair directory
 (``baseline.ecsv``), or a template with ``{pair}`` for catalogs kept elsewhere
@@ -102,7 +104,8 @@ def photometric_dmag(truth: Table, ref_path, new_path) -> np.ndarray | None:
     """Truth dmag as the data layer defines it, for every truth row.
 
     :func:`rtcnn.photometry.magdiff` (paper eq. 1-2) with the truth magnitudes and
-    aperture photometry of the pair's images at the true positions: ``|m_ref - m_new|``
+    aperture photometry of the pair's images at the true positions, aperture-corrected
+    with the Roman PSF as the data layer does: ``|m_ref - m_new|``
     where an object is missing from one image is measured against the light at its
     position there (a host galaxy). Rows where that light is below the detection limit
     (``lower_limit``: a hostless transient) get NaN, a limit is not a value to compare.
@@ -121,9 +124,27 @@ def photometric_dmag(truth: Table, ref_path, new_path) -> np.ndarray | None:
     xy = np.column_stack([_masked_float(truth, "x"), _masked_float(truth, "y")])
     tab = magdiff(ref.data, new.data, xy, _masked_float(truth, "mag_ref"),
                   _masked_float(truth, "mag_new"), ref.zeropoint, new.zeropoint,
-                  mask_ref=ref.mask, mask_new=new.mask, effective_gain=new.exptime)  # fmt: skip
+                  apcorr=_aperture_correction(new), mask_ref=ref.mask, mask_new=new.mask,
+                  effective_gain=new.exptime)  # fmt: skip
     d = np.asarray(tab["magdiff"], dtype=np.float64)
     return np.where(np.asarray(tab["lower_limit"], dtype=bool), np.nan, d)
+
+
+def _aperture_correction(image) -> float:
+    """Aperture-to-total factor of the Roman PSF for ``image`` (1.0 for another band).
+
+    The same correction as the data layer's dmag targets (``rtcnn.data.index``): the
+    catalog side of eq. 1-2 is a total magnitude, so the aperture side must be too.
+    """
+    from rtcnn.photometry import roman_aperture_correction
+
+    h = image.header
+    pos = (float(h["PSFSCAX"]), float(h["PSFSCAY"])) if "PSFSCAX" in h and "PSFSCAY" in h else None
+    try:
+        return roman_aperture_correction(image.band or "", int(h.get("SCA", 7)), pos,
+                                         box=64 if "SIMMODE" in h else None).factor  # fmt: skip
+    except (KeyError, ValueError):
+        return 1.0
 
 
 def truth_columns(truth: Table, dmag: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -563,9 +584,22 @@ def load_pairs(
     dict
         Catalog name → list of :class:`PairScore` (one per pair), in command-line order.
     """
-    if (truth is None) == (data is None):
+    if truth is not None and data is not None:
         raise RtcnnInputError(None, "give either --truth TRUTH (one pair) or --data DIR (pairs)")
     out: dict[str, list[PairScore]] = {n: [] for n in names}
+    if truth is None and data is None:  # positional CATALOG TRUTH pairs: one method
+        if len(names) < 2 or len(names) % 2:
+            raise RtcnnInputError(None, "give CATALOG TRUTH pairs, or catalogs with "
+                                  "--truth TRUTH (one pair) or --data DIR (pairs)")  # fmt: skip
+        out = {names[0]: []}
+        for cname, tname in zip(names[0::2], names[1::2]):
+            tpath = Path(tname)
+            t = _read_truth(tpath)
+            cat = read_catalog(cname)
+            out[names[0]].append(pair_score(tpath.parent.name, cat, t,
+                                            image_area(cat, tpath, shape),
+                                            _truth_dmag(t, tpath, photometry)))  # fmt: skip
+        return out
     if truth is not None:
         if len(truth) != 1:
             raise RtcnnInputError(None, "--truth takes one truth table; use --data for many pairs")
@@ -649,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m rtcnn.score", description=__doc__.splitlines()[0])
     p.add_argument("catalogs", nargs="+", metavar="CATALOG",
                    help="candidate catalogs (one per method); with --data a file name inside "
-                   "each pair directory or a path template with {pair}")  # fmt: skip
+                   "each pair directory or a path template with {pair}; without --truth "
+                   "or --data, CATALOG TRUTH pairs of one method")  # fmt: skip
     p.add_argument("--truth", nargs="+", default=None, help="truth table of the one pair")
     p.add_argument("--data", default=None, help="directory / glob of pair directories")
     p.add_argument("--label", nargs="+", default=None, help="method names (default: file stems)")
@@ -678,15 +713,17 @@ def run(args) -> dict:
     """Score as the command line asks; returns the JSON-able result dict."""
     if args.radius <= 0:
         raise RtcnnInputError(None, f"--radius must be > 0 px, got {args.radius}")
-    labels = args.label or [Path(c.replace("{pair}", "pair")).stem for c in args.catalogs]
-    if len(labels) != len(args.catalogs):
-        raise RtcnnInputError(None, f"{len(labels)} labels for {len(args.catalogs)} catalogs")
+    positional = args.truth is None and args.data is None
+    methods = args.catalogs[:1] if positional else args.catalogs
+    labels = args.label or [Path(c.replace("{pair}", "pair")).stem for c in methods]
+    if len(labels) != len(methods):
+        raise RtcnnInputError(None, f"{len(labels)} labels for {len(methods)} catalogs")
     if len(set(labels)) != len(labels):
         labels = [f"{lab}#{i}" for i, lab in enumerate(labels)]
     thr = args.threshold or [None]
-    if len(thr) not in (1, len(args.catalogs)):
+    if len(thr) not in (1, len(methods)):
         raise RtcnnInputError(None, "--threshold takes one value or one per catalog")
-    thr = thr * len(args.catalogs) if len(thr) == 1 else thr
+    thr = thr * len(methods) if len(thr) == 1 else thr
     for path in (args.plot, args.json):
         if path is not None and Path(path).exists() and not args.overwrite:
             raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
@@ -701,7 +738,7 @@ def run(args) -> dict:
         lo = math.floor(finite.min() / MAG_BIN) * MAG_BIN
         hi = math.ceil(finite.max() / MAG_BIN) * MAG_BIN
         bins = np.arange(lo, max(hi, lo + MAG_BIN) + MAG_BIN / 2, MAG_BIN)
-    for label, name, t in zip(labels, args.catalogs, thr):
+    for label, name, t in zip(labels, methods, thr):
         ps = pairs[name]
         results[label] = {
             "catalog": name,

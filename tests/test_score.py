@@ -174,6 +174,12 @@ def test_cli_one_pair_and_many(tmp_path, capsys):
                        "--overwrite", "--label", "mine"]) == 0  # fmt: skip
     res = json.loads(out.read_text())["methods"]["mine"]["at_threshold"]
     assert res["n_pairs"] == 2 and res["completeness"] == 0.75 and res["fp_per_sca"] == 8.0
+    # positional CATALOG TRUTH pairs: one method over both pairs
+    d1 = tmp_path / "data" / "pair_0001"
+    assert score.main([str(d / "cat.ecsv"), str(d / "truth.ecsv"), str(d1 / "cat.ecsv"),
+                       str(d1 / "truth.ecsv"), "--json", str(out), "--overwrite"]) == 0
+    res = json.loads(out.read_text())["methods"]["cat"]["at_threshold"]
+    assert res["n_pairs"] == 2 and res["n_false"] == 4 and res["fp_per_sca"] == 8.0
     # a {pair} template reaches catalogs outside the pair directories
     assert score.main([str(tmp_path / "data" / "{pair}" / "other.ecsv"), "--data",
                        str(tmp_path / "data")]) == 0  # fmt: skip
@@ -193,7 +199,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "nope.ecsv: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         score.main([str(d / "cat.ecsv")])
-    assert "give either --truth TRUTH (one pair) or --data DIR" in capsys.readouterr().err
+    assert "give CATALOG TRUTH pairs, or catalogs with --truth" in capsys.readouterr().err
     # no image_shape and no FITS beside the truth: the area is unknown unless --shape
     c = hand_catalog()
     c.meta = {}
