@@ -12,7 +12,8 @@ Also ``python -m rtcnn.detect DIR_OR_GLOB --ckpt CKPT -o OUTDIR``: every pair fo
 
 Options: ``--threshold`` (default: the checkpoint's, else 0.5), ``--mode``
 (auto | stamps | dense; auto = stamps on CPU, dense on GPU), ``--batch-size``,
-``--device`` (auto | cpu | cuda[:N]), ``--bf16``, ``--threads``, ``--overwrite``,
+``--device`` (auto | cpu | cuda[:N]), ``--bf16``, ``--no-refine`` (no PSF fit of the
+positions), ``--threads``, ``--overwrite``,
 ``--no-progress``. Existing outputs are never replaced without ``--overwrite``; a user
 mistake prints ``rtcnn: error: <file>: <problem>`` and exits 2.
 """
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stamps (or dense tiles) per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network")
+    p.add_argument("--no-refine", action="store_true",
+                   help="keep the network's positions (no PSF fit to the difference image)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -148,7 +151,8 @@ def run(args: argparse.Namespace) -> list[Path]:
             with tqdm(desc=name, unit="stamp", disable=not show, leave=len(jobs) == 1) as bar:
                 table = detect_images(net, ref_img, new_img, threshold, mode=args.mode,
                                       batch_size=args.batch_size, device=device,
-                                      bf16=args.bf16, progress=bar, meta=meta)  # fmt: skip
+                                      bf16=args.bf16, refine=not args.no_refine,
+                                      progress=bar, meta=meta)  # fmt: skip
             table.meta["ref"], table.meta["new"] = os.fspath(ref), os.fspath(new)
             write_catalog(table, cat_path, overwrite=args.overwrite)
             if reg_path is not None:

@@ -19,6 +19,8 @@ from rtcnn.inference import (
     find_candidates,
     image_sigma,
     load_detector,
+    psf_refine,
+    sparse_peaks,
     stamp_origins,
 )
 from rtcnn.models.detector import DenseDetector
@@ -69,8 +71,14 @@ def test_load_detector_restores_the_weights(ckpt):
     net = load_detector(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert net.config["channels"] == [8, 8, 8] and not net.training
-    w = state["state_dict"]["net.body.0.0.weight"]
-    assert torch.equal(net.body[0][0].weight.detach(), w)
+    plain = DenseDetector(**net.config)
+    plain.load_state_dict({k[4:]: v for k, v in state["state_dict"].items()
+                           if k.startswith("net.")})  # fmt: skip
+    x = torch.randn(2, 2, 32, 32)
+    with torch.no_grad():
+        want, got = plain.eval()(x), net(x)  # net: batch norms folded into the convolutions
+    for key in want:
+        assert_allclose(got[key].numpy(), want[key].numpy(), atol=1e-4)
 
 
 def test_detect_writes_a_catalog_and_refuses_to_overwrite(pairs, ckpt, tmp_path, capsys):
@@ -181,3 +189,48 @@ def test_stamps_and_dense_modes_agree_on_a_bright_source():
         j = np.argmin(np.hypot(dense.x - x, dense.y - y))
         assert_allclose([dense.x[j], dense.y[j]], [x, y], atol=1e-3)
         assert_allclose(dense.score[j], score, rtol=1e-4)
+
+
+def test_sparse_peaks_equal_find_peaks():
+    from rtcnn.postprocess import find_peaks
+
+    rng = np.random.default_rng(7)
+    image = np.abs(rng.normal(0, 1, (300, 300))).astype(np.float32)
+    image[10, 10] = image[11, 11] = 9.0  # a tie: both kept, as find_peaks does
+    mask = rng.uniform(size=image.shape) < 0.1
+    for min_distance in (1, 2):
+        want = find_peaks(image, 3.0, min_distance, mask)
+        got = sparse_peaks(image, 3.0, min_distance, mask)
+        for a, b in zip(got, want):
+            assert_allclose(a, b)
+    assert len(sparse_peaks(image, 100.0, 2)[0]) == 0
+
+
+def test_psf_refine_recovers_sub_pixel_positions():
+    from rtcnn.baseline import psf_sigma
+    from rtcnn.postprocess import Sources
+    from scipy.special import erf
+
+    fwhm = 1.39  # px, Roman H158
+    sig = psf_sigma(fwhm)
+    rng = np.random.default_rng(8)
+    true = np.array([[20.3, 30.7], [60.55, 12.2], [90.0, 88.45]])
+    diff = rng.normal(0, 0.05, (100, 100))
+    u = np.arange(100)
+
+    def g(c):
+        k = 1 / (np.sqrt(2) * sig)
+        return 0.5 * (erf((u - c + 0.5) * k) - erf((u - c - 0.5) * k))
+
+    for (x, y), f in zip(true, (50.0, -40.0, 30.0)):  # one source faded
+        diff += f * np.outer(g(y), g(x))
+    start = true + np.array([[0.4, -0.3], [-0.45, 0.35], [0.3, 0.3]])  # network-like errors
+    src = Sources(x=start[:, 0], y=start[:, 1], score=np.ones(3), dmag=np.zeros(3),
+                  brightened=np.ones(3, bool))  # fmt: skip
+    out, used = psf_refine(diff.astype(np.float32), src, fwhm)
+    assert used.all()
+    assert_allclose(np.c_[out.x, out.y], true, atol=0.02)
+    far = Sources(x=np.array([50.0]), y=np.array([50.0]), score=np.ones(1), dmag=np.zeros(1),
+                  brightened=np.ones(1, bool))  # fmt: skip
+    kept, used = psf_refine(diff.astype(np.float32), far, fwhm)  # nothing there to fit
+    assert not used[0] or np.hypot(kept.x[0] - 50, kept.y[0] - 50) <= 1.0

@@ -15,6 +15,7 @@ from rtcnn.models.detector import (
     decode,
     detector_loss,
     encode_targets,
+    fuse_batchnorm,
     normalize_pair,
     robust_sigma,
 )
@@ -81,6 +82,22 @@ def test_forward_shapes_and_input_checks():
         net(torch.randn(1, 2, 62, 64))
     with pytest.raises(ValueError, match="prior must lie in"):
         DenseDetector(prior=1.0)
+
+
+def test_fused_batchnorm_gives_the_same_outputs():
+    torch.manual_seed(2)
+    net = DenseDetector()
+    net.train()
+    for _ in range(3):  # non-trivial running statistics
+        net(torch.randn(8, 2, 32, 32) * 3)
+    net.eval()
+    x = torch.randn(4, 2, 64, 64)
+    with torch.no_grad():
+        want = net(x)
+        got = fuse_batchnorm(net)(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    for key in want:
+        assert_allclose(got[key].numpy(), want[key].numpy(), atol=1e-4)
 
 
 def test_initial_probability_is_the_prior():
