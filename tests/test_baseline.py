@@ -12,7 +12,8 @@ from astropy.wcs import WCS
 from numpy.testing import assert_allclose
 
 from rtcnn import baseline
-from rtcnn.baseline import fit_psf, psf_sigma, run_baseline, snr_map
+from rtcnn.baseline import run_baseline
+from rtcnn.psffit import fit_psf, pixel_gauss, psf_sigma, snr_map
 
 SIZE = 128  # px
 SIGMA_PIX = 0.08  # e-/s, background noise per pixel of each image
@@ -104,7 +105,7 @@ def test_psf_fit_positions_and_flux():
     yy, xx = np.mgrid[0:64, 0:64].astype(float)
     img = np.zeros((64, 64))
     for x, y, f in truth:
-        img += f * baseline._pixel_gauss(xx - x, sigma) * baseline._pixel_gauss(yy - y, sigma)
+        img += f * pixel_gauss(xx - x, sigma) * pixel_gauss(yy - y, sigma)
     var = np.full(img.shape, 1e-4)
     fit = fit_psf(img, var, np.array([20, 40]), np.array([22, 40]), sigma)
     assert_allclose(fit["x"], [20.3, 40.0], atol=1e-4)
