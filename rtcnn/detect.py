@@ -13,7 +13,7 @@ Also ``python -m rtcnn.detect DIR_OR_GLOB --ckpt CKPT -o OUTDIR``: every pair fo
 Options: ``--threshold`` (default: the checkpoint's, else 0.5), ``--mode``
 (auto | stamps | dense; auto = stamps on CPU, dense on GPU), ``--batch-size``,
 ``--device`` (auto | cpu | cuda[:N]), ``--bf16``, ``--no-refine`` (no PSF fit of the
-positions), ``--threads``, ``--overwrite``,
+positions), ``--dmag`` (photometry | network), ``--threads``, ``--overwrite``,
 ``--no-progress``. Existing outputs are never replaced without ``--overwrite``; a user
 mistake prints ``rtcnn: error: <file>: <problem>`` and exits 2.
 """
@@ -33,7 +33,13 @@ from tqdm.auto import tqdm
 
 from rtcnn.catalog import write_catalog, write_ds9_regions
 from rtcnn.errors import RtcnnInputError, cli_main
-from rtcnn.inference import MODES, detect_images, load_detector, resolve_device
+from rtcnn.inference import (
+    DMAG_SOURCES,
+    MODES,
+    detect_images,
+    load_detector,
+    resolve_device,
+)
 from rtcnn.io import find_pairs, read_pair
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stamps (or dense tiles) per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network")
+    p.add_argument("--dmag", choices=DMAG_SOURCES, default="photometry",
+                   help="catalog dmag from aperture photometry at the detections (default) "
+                   "or from the network's dmag head")
     p.add_argument("--no-refine", action="store_true",
                    help="keep the network's positions (no PSF fit to the difference image)")
     p.add_argument("--threads", type=int, default=None,
@@ -151,7 +160,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             with tqdm(desc=name, unit="stamp", disable=not show, leave=len(jobs) == 1) as bar:
                 table = detect_images(net, ref_img, new_img, threshold, mode=args.mode,
                                       batch_size=args.batch_size, device=device,
-                                      bf16=args.bf16, refine=not args.no_refine,
+                                      bf16=args.bf16, refine=not args.no_refine, dmag=args.dmag,
                                       progress=bar, meta=meta)  # fmt: skip
             table.meta["ref"], table.meta["new"] = os.fspath(ref), os.fspath(new)
             write_catalog(table, cat_path, overwrite=args.overwrite)

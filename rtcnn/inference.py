@@ -62,6 +62,7 @@ DENSE_OVERLAP = 64  # px, tile overlap in dense mode (2x the receptive field)
 NOISE_SUBSAMPLE = 4  # take every 4th row and column for the global noise estimate
 DEFAULT_BATCH = 512  # stamps per forward pass on CPU
 MODES = ("auto", "stamps", "dense")
+DMAG_SOURCES = ("photometry", "network")  # where the catalog's dmag comes from
 
 
 @dataclass(frozen=True)
@@ -498,6 +499,28 @@ def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float,
                    brightened=sources.brightened), used  # fmt: skip
 
 
+def photometric_dmag(ref, new, ref_a: np.ndarray, new_a: np.ndarray, sources: Sources,
+                     mask: np.ndarray | None = None) -> np.ndarray | None:
+    """``|m_ref - m_new|`` (mag) by aperture photometry of both images at each source.
+
+    Paper eq. 1-2 with local-annulus backgrounds (:func:`rtcnn.photometry.magdiff`, both
+    sides measured, a lower limit where the object is below 3 sigma in one image) — the
+    measurement the data layer and the score define dmag with. ``None`` when either
+    image lacks a zero point.
+    """
+    from rtcnn.photometry import magdiff
+
+    if ref.zeropoint is None or new.zeropoint is None:
+        return None
+    if len(sources) == 0:
+        return np.zeros(0)
+    nan = np.full(len(sources), np.nan)
+    xy = np.column_stack([sources.x, sources.y])
+    ph = magdiff(ref_a, new_a, xy, nan, nan, ref.zeropoint, new.zeropoint, use_catalog=False,
+                 mask_ref=mask, mask_new=mask, effective_gain=new.exptime)  # fmt: skip
+    return np.asarray(ph["magdiff"], dtype=np.float64)
+
+
 # --------------------------------------------------------------------------- pair → catalog
 def detect_images(
     net: DenseDetector,
@@ -510,6 +533,7 @@ def detect_images(
     device: torch.device | str = "cpu",
     bf16: bool = False,
     refine: bool = True,
+    dmag: str = "photometry",
     progress=None,
     meta: dict | None = None,
 ):
@@ -533,6 +557,10 @@ def detect_images(
         bfloat16 autocast for the network.
     refine : bool
         Refine positions by a PSF fit to the difference image (:func:`psf_refine`).
+    dmag : {"photometry", "network"}
+        The catalog's dmag: aperture photometry at the final positions
+        (:func:`photometric_dmag`, the data layer's definition; the network's value where
+        a zero point is missing) or the network's dmag head.
     progress : tqdm-like, optional
         Progress bar: ``progress.reset(total=N)`` once the work is known (stamps or
         tiles), then ``progress.update(n)`` after each batch.
@@ -545,10 +573,12 @@ def detect_images(
         The catalog (:func:`rtcnn.catalog.make_catalog`) with metadata ``ref``,
         ``new``, ``threshold``, ``mode``, ``noise_sigma`` (e-/s), ``image_shape``
         (ny, nx), ``n_candidates`` (stamps mode), ``psf_refined`` (positions refined by
-        the PSF fit) and ``seconds``.
+        the PSF fit), ``dmag`` (its source) and ``seconds``.
     """
     if mode not in MODES:
         raise RtcnnInputError(None, f"mode must be one of {MODES}, got {mode!r}")
+    if dmag not in DMAG_SOURCES:
+        raise RtcnnInputError(None, f"dmag must be one of {DMAG_SOURCES}, got {dmag!r}")
     if ref.shape != new.shape:
         raise RtcnnInputError(new.path, f"shape {new.shape} does not match the reference {ref.shape}")
     device = torch.device(device)
@@ -584,5 +614,12 @@ def detect_images(
 
         sources, used = psf_refine(new_a - ref_a, sources, band_fwhm(new.band or ref.band))
         info["psf_refined"] = int(used.sum())
+    info["dmag"] = "network dmag head"
+    if dmag == "photometry":
+        phot = photometric_dmag(ref, new, ref_a, new_a, sources, mask)
+        if phot is not None:
+            sources = Sources(x=sources.x, y=sources.y, score=sources.score, dmag=phot,
+                              brightened=sources.brightened)  # fmt: skip
+            info["dmag"] = "|m_ref - m_new| (mag), aperture photometry, rtcnn.photometry.magdiff"
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return catalog_from_sources(sources, wcs, {**info, **(meta or {})})

@@ -96,7 +96,9 @@ def test_detect_writes_a_catalog_and_refuses_to_overwrite(pairs, ckpt, tmp_path,
     assert table.meta["mode"] == "stamps" and table.meta["n_candidates"] >= len(table)
     assert np.all(np.diff(table["score"]) <= 0) and np.all(table["score"] >= 0.001)
     assert np.all((table["x"] > -0.5) & (table["x"] < SIZE - 0.5))
-    assert np.all(np.asarray(table["dmag"]) >= 0)
+    dmag = np.asarray(table["dmag"])
+    assert np.all((dmag >= 0) | np.isnan(dmag))  # NaN: below the limit in both images
+    assert "aperture photometry" in table.meta["dmag"]
     reg = (tmp_path / "cand.reg").read_text().splitlines()
     assert reg[3] == "image" and len(reg) == 4 + len(table)
     capsys.readouterr()
