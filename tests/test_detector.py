@@ -282,3 +282,30 @@ def test_detection_metrics_on_hand_built_tiles():
     assert out["n_true"].item() == 5 and out["n_pred"].item() == 4
     with pytest.raises(ValueError, match="match_radius must be positive"):
         DetectionMetrics(match_radius=0.0)
+
+
+def test_detection_task_trains_and_logs_its_metrics(one_thread, tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from rtcnn.tasks.detection import DetectionTask
+
+    torch.manual_seed(0)
+    batch = synthetic_batch(8, 2, size=32, seed=5)
+    batch["reversed"] = torch.zeros(8, dtype=torch.bool)
+    batch["reversed"][:3] = True  # the task swaps these back before the network sees them
+    batch["image"][:3] = batch["image"][:3].flip(1)
+    task = DetectionTask(DenseDetector(channels=(8, 8, 8), head_channels=8), threshold=0.3)
+    loader = DataLoader([batch], batch_size=None)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(task, loader, loader)
+    logged = trainer.callback_metrics
+    for name in ("train/loss", "train/f1", "val/loss", "val/loss_heat", "val/precision",
+                 "val/recall", "val/f1", "val/loc_median", "val/within2px", "val/dmag_mae",
+                 "val/sign_acc", "val/f1_best", "val/within2px_best"):  # fmt: skip
+        assert name in logged, name
+    assert task.hparams["net"]["_target_"] == "rtcnn.models.detector.DenseDetector"
+    assert logged["val/n_true"] == int(batch["valid"].sum())
+    assert logged["val/sign_acc"] >= 0.0 or torch.isnan(logged["val/sign_acc"])
