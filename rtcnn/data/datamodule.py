@@ -8,6 +8,11 @@ wraps each split in a :class:`~rtcnn.data.dataset.TileDataset`. Batches are dict
 
 With a single pair, ``split='region'`` splits each image into horizontal bands instead
 (train / val / test), dropping tiles that straddle two bands.
+
+Unusable pairs (unreadable images, bad catalogs: see :mod:`rtcnn.data.index`) are left
+out, logged, and listed in :attr:`PairDataModule.broken`; ``strict=True`` makes them an
+error. They keep their place in the split, so a pair's split does not change when
+another pair breaks or is repaired.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from rtcnn.data.dataset import (
     collate_tiles,
 )
 from rtcnn.data.index import (
+    MAX_PAIR_WARNINGS,
     SAMPLE_KINDS,
+    BrokenPair,
     IndexConfig,
     SampleIndex,
     load_or_build_index,
@@ -156,6 +163,10 @@ class PairDataModule(L.LightningDataModule):
         Where the sample index is cached (default: ``.rtcnn-index`` next to the data).
     progress : bool
         Progress bars while simulating / indexing.
+    strict : bool
+        An unusable pair (missing / truncated / non-FITS image, shape mismatch, bad truth
+        catalog...) is an error; by default it is left out, logged, and listed in
+        :attr:`broken`.
     """
 
     def __init__(self, *, batch_size: int = 64, tile_size: int = TILE_SIZE,
@@ -171,7 +182,7 @@ class PairDataModule(L.LightningDataModule):
                  num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False, prefetch_factor: int | None = 2,
                  drop_last: bool = True, cache_dir: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, strict: bool = False):
         super().__init__()
         kinds = _plain(kinds)
         if samples not in SAMPLE_KINDS:
@@ -213,13 +224,15 @@ class PairDataModule(L.LightningDataModule):
         hp = self.hparams
         pairs = self.find_pairs()
         self.index = load_or_build_index(pairs, self.index_config, cache_dir=hp.cache_dir,
-                                         progress=hp.progress)
+                                         progress=hp.progress, strict=bool(hp.get("strict")))
+        self._log_broken_and_masked(len(pairs))
         usable = np.arange(self.index.n_pairs)
         if self.samples == "transient":
             usable = warn_empty_pairs(self.index, usable, self.source)
         if hp.split == "pair":
-            parts = split_pairs(len(usable), hp.val_fraction, hp.test_fraction, hp.seed)
-            self.pair_ids = {s: usable[v] for s, v in parts.items()}
+            slots = self._split_slots(pairs, usable)
+            parts = split_pairs(len(slots), hp.val_fraction, hp.test_fraction, hp.seed)
+            self.pair_ids = {s: slots[v][slots[v] >= 0] for s, v in parts.items()}
             tiles = {s: self.index.sample_tiles(self.pair_ids[s], self.samples) for s in SPLITS}
         else:
             every = self.index.sample_tiles(usable, self.samples)
@@ -235,6 +248,46 @@ class PairDataModule(L.LightningDataModule):
                  "/".join(str(len(self.pair_ids[s])) for s in SPLITS))
         if len(self.datasets["train"]) == 0:
             raise RtcnnInputError(self.source, "the training split has no tiles")
+
+    @property
+    def broken(self) -> list[BrokenPair]:
+        """Pairs left out as unusable (after :meth:`setup`), each naming file and problem."""
+        return [] if self.index is None else list(self.index.broken)
+
+    def _split_slots(self, pairs: list, usable: np.ndarray) -> np.ndarray:
+        """Usable pair ids in find order, with -1 where a broken pair sits.
+
+        Splitting these slots (and dropping the -1) keeps every pair's split
+        independent of which other pairs are broken; without broken pairs it is
+        ``usable`` itself.
+        """
+        if not self.index.broken:
+            return usable
+        where = {str(p.name): i for i, p in enumerate(pairs)}
+        names = self.index.pairs["name"]
+        slots = [(where.get(str(names[i]), i), int(i)) for i in usable]
+        slots += [(where[b.name], -1) for b in self.index.broken if b.name in where]
+        return np.array([pid for _, pid in sorted(slots)], dtype=np.int64)
+
+    def _log_broken_and_masked(self, n_found: int) -> None:
+        """Name the pairs left out, and report the images with NaN/inf (masked) pixels."""
+        broken = self.index.broken
+        if broken:
+            log.warning("%s: %d of %d pairs are unusable and left out (data.strict=true makes "
+                        "this an error):", self.source, len(broken), n_found)
+            for b in broken:
+                log.warning("  %s", b)
+        masked = self.index.pairs.get("masked")
+        if masked is None or not (masked > 0).any():
+            return
+        worst = masked.max(axis=1)
+        ids = np.flatnonzero(worst > 0)
+        log.info("%d of %d pairs have NaN/inf pixels (masked: excluded from the statistics, "
+                 "0 in the tiles); largest masked fraction %.3g%%", len(ids), len(worst),
+                 100.0 * float(worst.max()))
+        for i in ids[:MAX_PAIR_WARNINGS]:
+            log.info("  %s: ref %.3g%%, new %.3g%% masked", self.index.pairs["name"][i],
+                     100.0 * masked[i, 0], 100.0 * masked[i, 1])
 
     def pairs(self, split: str) -> list[str]:
         """Names of the pairs in ``split`` (after :meth:`setup`)."""

@@ -419,6 +419,37 @@ class _TensorIter:
         return len(self._it)
 
 
+class _LazyCountingIter:
+    """A :class:`TileLoader` pass: opened at the first ``next``, counting its batches.
+
+    Lightning creates the iterator of a run's first (or resumed) epoch before it calls
+    ``set_epoch``; opening it lazily lets the sampler (and, with workers, their first
+    prefetch) see the right epoch. The count of delivered batches starts from the
+    batches the sampler left out (a resumed epoch).
+    """
+
+    def __init__(self, loader: TileLoader):
+        self._loader = loader
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        loader = self._loader
+        if self._it is None:
+            self._it = loader._open()
+            sampler = loader.sampler
+            start = sampler.last_start if isinstance(sampler, EpochSampler) else 0
+            loader._delivered = start // loader.batch_size if loader.batch_size else 0
+        batch = next(self._it)
+        loader._delivered += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+
 class TileLoader(DataLoader):
     """DataLoader for :class:`TileDataset` that delivers every field as a tensor.
 
@@ -427,6 +458,12 @@ class TileLoader(DataLoader):
     loader copies each image out of its slot as it arrives and turns the metadata into
     tensors, in the main process. Same batches as without workers, several times faster
     than sending fresh tensors on a small machine (``python -m rtcnn.bench data``).
+
+    Resumable: :meth:`state_dict` records the epoch and the batches delivered in it, and
+    :meth:`load_state_dict` (Lightning calls both, when saving a checkpoint and when
+    resuming from one saved mid-epoch) makes the next pass over that epoch start after
+    those batches, so a resumed run sees exactly the batches an uninterrupted one would
+    (the order is a function of the seed and the epoch, :class:`EpochSampler`).
     """
 
     def __init__(self, dataset, *args, **kwargs):
@@ -434,8 +471,14 @@ class TileLoader(DataLoader):
         self._ring = 0
         if self.num_workers > 0 and isinstance(dataset, TileDataset):
             self._ring = (self.prefetch_factor or 2) + 2
+        self._delivered = 0  # batches of the current epoch handed out (skipped ones too)
 
     def __iter__(self):
+        self._delivered = 0
+        return _LazyCountingIter(self)
+
+    def _open(self):
+        """The underlying DataLoader iterator (started on the first batch of a pass)."""
         if self.num_workers == 0:
             return super().__iter__()
         # the workers started here take a copy of the dataset with the ring switched on;
@@ -447,6 +490,22 @@ class TileLoader(DataLoader):
         finally:
             self.dataset.ring_slots = 0
         return _TensorIter(it, self._ring > 0, self._ring * self.num_workers)
+
+    def state_dict(self) -> dict:
+        """``{"epoch", "batches"}``: the sampler's epoch and the batches delivered in it."""
+        epoch = self.sampler.epoch if isinstance(self.sampler, EpochSampler) else 0
+        return {"epoch": int(epoch), "batches": int(self._delivered)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Skip the ``state["batches"]`` batches already seen in epoch ``state["epoch"]``.
+
+        Also sets the sampler's epoch: Lightning creates the first iterator of a resumed
+        run before it calls ``set_epoch``, and with workers the sampler is read then.
+        """
+        if isinstance(self.sampler, EpochSampler) and self.batch_size:
+            epoch = int(state.get("epoch", 0))
+            self.sampler.set_epoch(epoch)
+            self.sampler.skip(epoch, int(state.get("batches", 0)) * self.batch_size)
 
 
 class EpochSampler(Sampler):
@@ -469,6 +528,19 @@ class EpochSampler(Sampler):
         self.shuffle = shuffle
         self.seed = int(seed)
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, samples) to leave out once
+        self.last_start = 0  # samples the latest pass left out
+
+    def skip(self, epoch: int, samples: int) -> None:
+        """Make the next pass over ``epoch`` start at its ``samples``-th key (resuming).
+
+        Passes over other epochs are unaffected and clear the request.
+        """
+        self._skip = (int(epoch), max(int(samples), 0))
+
+    def pending_skip(self) -> int:
+        """Keys the next pass will leave out (0 unless :meth:`skip` applies to it)."""
+        return self._skip[1] if self._skip is not None and self._skip[0] == self.epoch else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -481,8 +553,11 @@ class EpochSampler(Sampler):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         else:
             order = np.arange(self.n)
+        start = self.pending_skip()
+        self._skip = None
+        self.last_start = start
         e = self.epoch
-        return iter([(i, e) for i in order.tolist()])
+        return iter([(i, e) for i in order[start:].tolist()])
 
 
 __all__ = ["EpochSampler", "NORMALIZATIONS", "TileDataset", "TileLoader",

@@ -17,6 +17,12 @@ What it holds (three flat tables, numpy arrays, pair-major order):
 
 Nothing here assumes one transient per tile: a tile lists 0, 1 or several changes; the
 ``attn5`` samples are the tiles with at least one (:meth:`SampleIndex.sample_tiles`).
+
+Unusable pairs (a missing, truncated or non-FITS image, a shape mismatch, a truth catalog
+without positions or entirely off the image, ...: any :class:`RtcnnInputError` while
+indexing a pair) are left out and listed in :attr:`SampleIndex.broken` with the file and
+the problem, so that a data set with a few bad pairs still trains on the others;
+``strict=True`` makes the first one an error instead.
 """
 
 from __future__ import annotations
@@ -41,12 +47,31 @@ from rtcnn.tiles import TILE_OVERLAP, TILE_SIZE, tile_origins, tiles_containing
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 2  # bump when the index layout or its computation changes
+INDEX_VERSION = 3  # bump when the index layout or its computation changes
 INDEX_DIRNAME = ".rtcnn-index"  # cache folder created next to the data
 STATS_SAMPLES = 256  # rows/columns sampled per axis for the robust background/noise
 MEMBER_CHUNK = 512  # changes tested against all tiles at once (bounds a (N, chunk) bool)
 SAMPLE_KINDS = ("transient", "all")  # tiles with >= 1 selected change | every tile
 MAX_PAIR_WARNINGS = 10  # pairs named one by one in warnings before a summary line
+
+
+@dataclass(frozen=True)
+class BrokenPair:
+    """A pair left out of the index: its name, the file at fault and the problem.
+
+    ``str()`` gives ``<name>: <file>: <problem>``; :meth:`error` the
+    :class:`RtcnnInputError` that reading the pair raised.
+    """
+
+    name: str
+    path: str | None
+    problem: str
+
+    def error(self) -> RtcnnInputError:
+        return RtcnnInputError(self.path, self.problem)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.error()}"
 
 
 @dataclass(frozen=True)
@@ -119,15 +144,20 @@ class SampleIndex:
         ``dflux`` (new - ref, image units), ``kind`` (str), ``selected`` (bool).
         ``tiles``: ``pair`` (N,), ``origin`` (N, 2) (x0, y0), ``ptr`` (N + 1,),
         ``members`` (L,) change indices, brightest change first within each tile.
+        ``pairs`` also holds ``masked`` (P, 2): the fraction of NaN/inf (masked) pixels
+        of the reference and the new image.
+    broken : list of BrokenPair
+        Pairs that could not be read (left out of the tables above).
     """
 
     def __init__(self, config: IndexConfig, key: str, pairs: dict, changes: dict,
-                 tiles: dict):
+                 tiles: dict, broken: Sequence[BrokenPair] = ()):
         self.config = config
         self.key = key
         self.pairs = pairs
         self.changes = changes
         self.tiles = tiles
+        self.broken = list(broken)
 
     # sizes ---------------------------------------------------------------------------
     @property
@@ -210,7 +240,8 @@ class SampleIndex:
         arrays = {f"{group}.{k}": v for group in ("pairs", "changes", "tiles")
                   for k, v in getattr(self, group).items()}
         meta = json.dumps({"version": INDEX_VERSION, "key": self.key,
-                           "config": asdict(self.config)})
+                           "config": asdict(self.config),
+                           "broken": [asdict(b) for b in self.broken]})
         arrays["meta"] = np.array(meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -238,8 +269,9 @@ class SampleIndex:
         cfg = meta["config"]
         if cfg.get("kinds") is not None:
             cfg["kinds"] = tuple(cfg["kinds"])
+        broken = [BrokenPair(**b) for b in meta.get("broken", [])]
         return cls(IndexConfig(**cfg), meta["key"], groups["pairs"], groups["changes"],
-                   groups["tiles"])
+                   groups["tiles"], broken)
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,8 +289,11 @@ def index_key(pairs: Sequence, config: IndexConfig) -> str:
     files = []
     for pair in pairs:
         for f in _pair_files(pair):
-            st = f.stat()
-            files.append([pair.name, str(f.resolve()), st.st_size, st.st_mtime_ns])
+            try:
+                st = f.stat()
+                files.append([pair.name, str(f.resolve()), st.st_size, st.st_mtime_ns])
+            except OSError:  # a missing file: the pair is broken, reading it says so
+                files.append([pair.name, str(f.absolute()), None, None])
     blob = json.dumps({"version": INDEX_VERSION, "config": asdict(config), "files": files},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -280,7 +315,7 @@ def _writable_dir(path: Path) -> bool:
 
 def load_or_build_index(pairs: Sequence, config: IndexConfig | None = None,
                         cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                        rebuild: bool = False) -> SampleIndex:
+                        rebuild: bool = False, strict: bool = False) -> SampleIndex:
     """The index of ``pairs``, from the cache if its key matches, else built and cached.
 
     Parameters
@@ -295,10 +330,18 @@ def load_or_build_index(pairs: Sequence, config: IndexConfig | None = None,
         Show a progress bar while building.
     rebuild : bool
         Build even when a cached index exists.
+    strict : bool
+        An unusable pair is an error (the first one found), instead of being left out
+        and listed in ``SampleIndex.broken``.
 
     Returns
     -------
     SampleIndex
+
+    Raises
+    ------
+    RtcnnInputError
+        No pairs; every pair unusable; with ``strict``, any pair unusable.
     """
     config = config or IndexConfig()
     if not pairs:
@@ -315,10 +358,12 @@ def load_or_build_index(pairs: Sequence, config: IndexConfig | None = None,
             index = SampleIndex.load(path)
             if index.key == key:
                 log.info("sample index loaded from %s", path)
+                if strict and index.broken:
+                    raise _strict_error(index.broken[0], len(pairs))
                 return index
         except (OSError, ValueError, KeyError) as err:
             log.warning("rebuilding unreadable sample index %s (%s)", path, err)
-    index = build_index(pairs, config, key=key, progress=progress)
+    index = build_index(pairs, config, key=key, progress=progress, strict=strict)
     if _writable_dir(cache):
         index.save(path)
         log.info("sample index written to %s", path)
@@ -329,20 +374,47 @@ def load_or_build_index(pairs: Sequence, config: IndexConfig | None = None,
 # building
 # ---------------------------------------------------------------------------------------
 def build_index(pairs: Sequence, config: IndexConfig | None = None, key: str | None = None,
-                progress: bool = True) -> SampleIndex:
-    """Build the index of ``pairs`` (no cache; see :func:`load_or_build_index`)."""
+                progress: bool = True, strict: bool = False) -> SampleIndex:
+    """Build the index of ``pairs`` (no cache; see :func:`load_or_build_index`).
+
+    A pair whose reading raises :class:`RtcnnInputError` is left out, logged as a
+    warning and listed in ``SampleIndex.broken`` (with ``strict``: the error is raised).
+    """
     from tqdm.auto import tqdm
 
     config = config or IndexConfig()
     key = key or index_key(pairs, config)
-    per_pair = []
+    good, per_pair, broken = [], [], []
     for pair in tqdm(pairs, desc="indexing pairs", unit="pair", disable=not progress,
                      leave=False):
-        per_pair.append(_index_pair(pair, config))
-    return _assemble(pairs, per_pair, config, key)
+        try:
+            per_pair.append(_index_pair(pair, config))
+        except RtcnnInputError as err:
+            bad = BrokenPair(str(pair.name), err.path, err.problem)
+            if strict:
+                raise _strict_error(bad, len(pairs)) from None
+            log.warning("%s: pair left out: %s", pair.name, err)
+            broken.append(bad)
+            continue
+        good.append(pair)
+    if not good:
+        first = broken[0]
+        if len(pairs) == 1:
+            raise first.error()
+        raise RtcnnInputError(first.path, f"{first.problem} (all {len(pairs)} pairs are "
+                              "unusable)")
+    return _assemble(good, per_pair, config, key, broken)
 
 
-def _assemble(pairs, per_pair: list[dict], config: IndexConfig, key: str) -> SampleIndex:
+def _strict_error(first: BrokenPair, n_pairs: int) -> RtcnnInputError:
+    """The first unusable pair's error, marked as raised because of ``strict``."""
+    if n_pairs == 1:
+        return first.error()
+    return RtcnnInputError(first.path, f"{first.problem} (strict: an unusable pair is an error)")
+
+
+def _assemble(pairs, per_pair: list[dict], config: IndexConfig, key: str,
+              broken: Sequence[BrokenPair] = ()) -> SampleIndex:
     n_tiles = [len(p["origin"]) for p in per_pair]
     tile_start = np.concatenate([[0], np.cumsum(n_tiles)]).astype(np.int64)
     pair_cols = {
@@ -354,6 +426,7 @@ def _assemble(pairs, per_pair: list[dict], config: IndexConfig, key: str) -> Sam
         "zeropoint": np.array([p["zeropoint"] for p in per_pair], dtype=np.float64),
         "bkg": np.array([p["bkg"] for p in per_pair], dtype=np.float32),
         "noise": np.array([p["noise"] for p in per_pair], dtype=np.float32),
+        "masked": np.array([p["masked"] for p in per_pair], dtype=np.float32).reshape(-1, 2),
         "tile_start": tile_start,
     }
     change_cols = {}
@@ -371,7 +444,7 @@ def _assemble(pairs, per_pair: list[dict], config: IndexConfig, key: str) -> Sam
         "members": np.concatenate(
             [p["members"] + off for p, off in zip(per_pair, offsets[:-1])]).astype(np.int64),
     }
-    return SampleIndex(config, key, pair_cols, change_cols, tiles)
+    return SampleIndex(config, key, pair_cols, change_cols, tiles, broken)
 
 
 #: Columns of the changes table and their dtypes (besides ``pair``).
@@ -401,6 +474,7 @@ def _index_pair(pair, config: IndexConfig) -> dict:
         "shape": (ny, nx), "origin": origins, "changes": changes,
         "zeropoint": tuple(np.nan if z is None else float(z) for z in zps),
         "bkg": (bkg_ref, bkg_new), "noise": (noise_ref, noise_new),
+        "masked": (ref.masked_fraction, new.masked_fraction),
         "members": members, "count": count,
     }
 

@@ -145,7 +145,13 @@ def simulate_dataset(
         for d in dirs:
             if d.exists():
                 raise RtcnnInputError(d, "pair already exists; pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent is a file, no permission, read-only file system
+        raise RtcnnInputError(out, f"cannot create the output directory ({err.strerror or err})"
+                              ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise RtcnnInputError(out, "output directory is not writable")
     from tqdm.auto import tqdm  # local: keeps `import rtcnn.sim` light
 
     for i in tqdm(range(pairs), desc="simulate", unit="pair", disable=not progress):
