@@ -42,6 +42,7 @@ from rtcnn import plots, report
 from rtcnn.augment import D4_NAMES
 from rtcnn.errors import RtcnnInputError, cli_main
 from rtcnn.tasks import LocalizationTask
+from rtcnn.utils import log_unusable_pairs, run_hydra_main
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()
                           max_tiles=cfg.max_tiles, n_extremes=cfg.n_extremes)
     for line in metric_lines(result):
         log.info(line)
+    log_unusable_pairs(datamodule)
     log.info("report written to %s", out_dir)
     return result
 
@@ -330,4 +332,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)  # a bad command line (Hydra's own message) exits 2

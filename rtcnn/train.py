@@ -23,15 +23,20 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from rtcnn.errors import cli_main
 from rtcnn.utils import (
+    check_resume_checkpoint,
+    exit_interrupted,
     get_metric_value,
     instantiate_callbacks,
     instantiate_loggers,
     log_hyperparameters,
+    log_unusable_pairs,
     print_config,
+    run_hydra_main,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     objects : dict
         ``cfg``, ``datamodule``, ``model``, ``callbacks``, ``loggers``, ``trainer``.
     """
+    check_resume_checkpoint(cfg.get("ckpt_path"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     extras = cfg.get("extras") or {}
@@ -73,20 +79,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                "loggers": loggers, "trainer": trainer}
     log_hyperparameters(cfg, model, loggers)
 
-    if cfg.get("train"):
-        log.info("training")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    try:
+        if cfg.get("train"):
+            log.info("training")
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    if cfg.get("test"):
-        ckpt = None
-        if cfg.get("train") and trainer.checkpoint_callback is not None:
-            ckpt = trainer.checkpoint_callback.best_model_path or None
-        elif not cfg.get("train"):
-            ckpt = cfg.get("ckpt_path")
-        log.info("testing %s", ckpt or "the current weights")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        if cfg.get("test"):
+            ckpt = None
+            if cfg.get("train") and trainer.checkpoint_callback is not None:
+                ckpt = trainer.checkpoint_callback.best_model_path or None
+            elif not cfg.get("train"):
+                ckpt = cfg.get("ckpt_path")
+            log.info("testing %s", ckpt or "the current weights")
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    except SIGTERMException:  # SIGTERM / first Ctrl-C: checkpoint saved, say how to resume
+        exit_interrupted(cfg, callbacks, trainer)
+    log_unusable_pairs(datamodule)
     log.info("output dir: %s", cfg.paths.output_dir)
     return metrics, objects
 
@@ -102,4 +112,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)  # a bad command line (Hydra's own message) exits 2

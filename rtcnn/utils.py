@@ -125,3 +125,93 @@ def print_config(cfg: DictConfig, save_dir: str | Path | None = None) -> None:
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         (Path(save_dir) / "config_tree.log").write_text(text)
+
+
+# --------------------------------------------------------------------------- reliability
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
+_PICKLE_MAGIC = b"\x80"  # legacy (non-zip) torch.save files start with a pickle protocol
+
+
+def check_resume_checkpoint(ckpt_path: str | Path | None) -> Path | None:
+    """Check ``ckpt_path`` (the checkpoint to resume from) before any work is done.
+
+    Raises
+    ------
+    RtcnnInputError
+        Missing, a directory, empty, or not a torch checkpoint (by its first bytes).
+    """
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise RtcnnInputError(path, "checkpoint not found (ckpt_path)")
+    if not path.is_file():
+        raise RtcnnInputError(path, "is a directory, not a checkpoint (ckpt_path)")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise RtcnnInputError(path, "empty file, not a checkpoint (ckpt_path)")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise RtcnnInputError(path, "not a PyTorch/Lightning checkpoint (ckpt_path)")
+    return path
+
+
+def log_unusable_pairs(datamodule: Any) -> None:
+    """Name, at the end of a command, the pairs its data module left out as unusable."""
+    broken = list(getattr(datamodule, "broken", None) or [])
+    if not broken:
+        return
+    log.warning("%d unusable pair(s) were left out (data.strict=true makes this an error):",
+                len(broken))
+    for b in broken:
+        log.warning("  %s", b)
+
+
+def exit_interrupted(cfg: DictConfig, callbacks: list[Any], trainer: Any) -> None:
+    """After a graceful stop (SIGTERM / Ctrl-C): say where the checkpoint is and how to
+    resume, then exit with status 128 + signal number (143 SIGTERM, 130 SIGINT)."""
+    import signal
+
+    from rtcnn.callbacks import SIGNAL_EXIT_BASE, InterruptCheckpoint
+
+    saver = next((c for c in callbacks if isinstance(c, InterruptCheckpoint)), None)
+    name = (saver.signal_name if saver is not None else None) or "SIGTERM"
+    ckpt = saver.saved if saver is not None else None
+    if ckpt is None:  # no InterruptCheckpoint configured: the last epoch's checkpoint
+        ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if ckpt is not None and Path(ckpt).is_file():
+        log.warning("%s: stopped at epoch %d, step %d; resume with: python -m rtcnn.train %s",
+                    name, trainer.current_epoch, trainer.global_step,
+                    " ".join([*_task_overrides(), f"ckpt_path={ckpt}"]))
+    else:
+        log.warning("%s: stopped before any checkpoint was written", name)
+    raise SystemExit(SIGNAL_EXIT_BASE + int(getattr(signal, name)))
+
+
+def _task_overrides() -> list[str]:
+    """The run's command-line overrides except ``ckpt_path`` (empty outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - not running under Hydra
+        return []
+    return [o for o in overrides if not o.lstrip("+~").startswith("ckpt_path=")]
+
+
+def run_hydra_main(main: Any) -> None:
+    """Run a ``@hydra.main`` entry point so that a bad command line exits with status 2.
+
+    Hydra reports a config error (an unknown key, a bad override) itself and exits 1; that
+    happens before the task function starts, which is how it is told apart from a failure
+    of the task (still exit 1 for an unexpected error, 2 for a user mistake).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not HydraConfig.initialized():
+            raise SystemExit(2) from None
+        raise

@@ -146,6 +146,8 @@ class DetectionTask(LightningModule):
         base = detection_metrics(match_radius=match_radius)
         self.metrics = nn.ModuleDict({f"{s}_det": base.clone(prefix=f"{s}/") for s in STAGES})
         self.best = nn.ModuleDict({"f1": MaxMetric(), "within2px": MaxMetric()})
+        for best in self.best.values():
+            best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
 
     def forward(self, images: torch.Tensor, sigma: torch.Tensor | None = None) -> dict:
         """``(B, 2, H, W)`` pairs -> the net's output dict (cell maps)."""
@@ -196,6 +198,8 @@ class DetectionTask(LightningModule):
         return values
 
     def on_train_start(self) -> None:
+        if self.trainer.ckpt_path is not None:  # resumed: keep the best so far (checkpoint)
+            return
         for best in self.best.values():  # the sanity check must not count as the best epoch
             best.reset()
 

@@ -178,6 +178,7 @@ class LocalizationTask(LightningModule):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_snr_metrics", base.clone(prefix=f"{stage}/", postfix=postfix))
         self.val_within2px_best = MaxMetric()
+        self.val_within2px_best.persistent(True)  # in checkpoints: a resumed run keeps its best
         self._panel: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,8 +231,10 @@ class LocalizationTask(LightningModule):
         return values
 
     def on_train_start(self) -> None:
-        # the sanity-check validation must not count as the best epoch
-        self.val_within2px_best.reset()
+        # the sanity-check validation must not count as the best epoch; a resumed run
+        # keeps the best so far (restored from the checkpoint)
+        if self.trainer.ckpt_path is None:
+            self.val_within2px_best.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
