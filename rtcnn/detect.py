@@ -15,7 +15,9 @@ Options: ``--threshold`` (default: the checkpoint's, else 0.5), ``--mode``
 ``--device`` (auto | cpu | cuda[:N]), ``--bf16``, ``--no-refine`` (no PSF fit of the
 positions), ``--dmag`` (photometry | network), ``--threads``, ``--overwrite``,
 ``--no-progress``. Existing outputs are never replaced without ``--overwrite``; a user
-mistake prints ``rtcnn: error: <file>: <problem>`` and exits 2.
+mistake prints ``rtcnn: error: <file>: <problem>`` and exits 2. In a directory of pairs an
+unusable pair (unreadable image, shape mismatch, no WCS...) is skipped and named at the
+end (exit 0 if any pair was processed); ``--strict`` makes it an error.
 """
 
 from __future__ import annotations
@@ -47,8 +49,15 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5  # network score, when the checkpoint names none
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one :class:`RtcnnInputError` line."""
+
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise RtcnnInputError(None, f"{message} (see python -m rtcnn.detect --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m rtcnn.detect",
         description="Detect transients in a reference/new image pair (or a directory / glob "
         "of pairs) with the dense detector and write candidate catalogs (ECSV).",
@@ -64,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a DS9 region file (one pair: REG, default next to the "
                    "catalog with .reg; several pairs: <name>.reg in the output directory)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unusable pair of a directory (default: skip it and "
+                   "name it at the end)")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="stamps around difference-image candidates (CPU default) or dense "
                    "tiles over the whole image (GPU default)")
@@ -148,20 +160,30 @@ def run(args: argparse.Namespace) -> list[Path]:
         threshold = float((saved.get("hyper_parameters") or {}).get("threshold",
                                                                     DEFAULT_THRESHOLD))
     meta = {"model": os.fspath(args.ckpt), "model_name": "dense", "device": str(device)}
-    written = []
+    written, skipped = [], []
     show = not args.no_progress
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_load, jobs[0][1], jobs[0][2])
         outer = tqdm(jobs, desc="pairs", unit="pair", disable=not show or len(jobs) == 1)
         for i, (name, ref, new, cat_path, reg_path) in enumerate(outer):
-            ref_img, new_img = pending.result()
+            loaded = pending
             if i + 1 < len(jobs):  # read the next pair while this one runs
                 pending = pool.submit(_load, jobs[i + 1][1], jobs[i + 1][2])
-            with tqdm(desc=name, unit="stamp", disable=not show, leave=len(jobs) == 1) as bar:
-                table = detect_images(net, ref_img, new_img, threshold, mode=args.mode,
-                                      batch_size=args.batch_size, device=device,
-                                      bf16=args.bf16, refine=not args.no_refine, dmag=args.dmag,
-                                      progress=bar, meta=meta)  # fmt: skip
+            try:
+                ref_img, new_img = loaded.result()
+                _report_masked(name, ref_img, new_img)
+                with tqdm(desc=name, unit="stamp", disable=not show,
+                          leave=len(jobs) == 1) as bar:
+                    table = detect_images(net, ref_img, new_img, threshold, mode=args.mode,
+                                          batch_size=args.batch_size, device=device,
+                                          bf16=args.bf16, refine=not args.no_refine,
+                                          dmag=args.dmag, progress=bar, meta=meta)  # fmt: skip
+            except RtcnnInputError as err:  # one unusable pair of many: skip it, name it
+                if args.strict or len(jobs) == 1:
+                    raise
+                log.warning("%s: skipped: %s", name, err)
+                skipped.append((name, err))
+                continue
             table.meta["ref"], table.meta["new"] = os.fspath(ref), os.fspath(new)
             write_catalog(table, cat_path, overwrite=args.overwrite)
             if reg_path is not None:
@@ -169,7 +191,24 @@ def run(args: argparse.Namespace) -> list[Path]:
             log.info("%s: %d candidates -> %s (%.2f s)", name, len(table), cat_path,
                      table.meta["seconds"])
             written.append(cat_path)
+    if skipped:
+        log.warning("rtcnn: %d of %d pairs skipped as unusable (--strict makes this an error):",
+                    len(skipped), len(jobs))
+        for name, err in skipped:
+            log.warning("  %s: %s", name, err)
+        if not written:
+            first = skipped[0][1]
+            raise RtcnnInputError(first.path, f"{first.problem} (all {len(jobs)} pairs are "
+                                  "unusable)")
     return written
+
+
+def _report_masked(name: str, ref, new) -> None:
+    """Log the fraction of NaN/inf (masked) pixels of a pair, when there are any."""
+    fractions = [img.masked_fraction for img in (ref, new)]
+    if any(fractions):
+        log.info("%s: masked NaN/inf pixels: ref %.3g%%, new %.3g%% (excluded from the "
+                 "candidates and set to 0 for the network)", name, *(100 * f for f in fractions))
 
 
 @cli_main

@@ -522,6 +522,18 @@ def photometric_dmag(ref, new, ref_a: np.ndarray, new_a: np.ndarray, sources: So
 
 
 # --------------------------------------------------------------------------- pair → catalog
+def drop_masked(sources: Sources, mask: np.ndarray | None) -> Sources:
+    """``sources`` without those whose pixel is bad (NaN/inf in either image, ``mask``)."""
+    if mask is None or not len(sources):
+        return sources
+    ny, nx = mask.shape
+    ix = np.clip(np.rint(sources.x).astype(np.int64), 0, nx - 1)
+    iy = np.clip(np.rint(sources.y).astype(np.int64), 0, ny - 1)
+    keep = ~mask[iy, ix]
+    return Sources(x=sources.x[keep], y=sources.y[keep], score=sources.score[keep],
+                   dmag=sources.dmag[keep], brightened=sources.brightened[keep])
+
+
 def detect_images(
     net: DenseDetector,
     ref,
@@ -572,8 +584,9 @@ def detect_images(
     astropy.table.Table
         The catalog (:func:`rtcnn.catalog.make_catalog`) with metadata ``ref``,
         ``new``, ``threshold``, ``mode``, ``noise_sigma`` (e-/s), ``image_shape``
-        (ny, nx), ``n_candidates`` (stamps mode), ``psf_refined`` (positions refined by
-        the PSF fit), ``dmag`` (its source) and ``seconds``.
+        (ny, nx), ``masked_fraction`` (NaN/inf pixels of either image, 0-1; nothing is
+        reported on them), ``n_candidates`` (stamps mode), ``psf_refined`` (positions
+        refined by the PSF fit), ``dmag`` (its source) and ``seconds``.
     """
     if mode not in MODES:
         raise RtcnnInputError(None, f"mode must be one of {MODES}, got {mode!r}")
@@ -596,7 +609,8 @@ def detect_images(
     sigma = image_sigma(ref_a, new_a)
     info = {"ref": str(ref.path), "new": str(new.path), "threshold": float(threshold),
             "mode": mode, "noise_sigma": sigma,
-            "image_shape": [int(v) for v in new.shape]}  # fmt: skip
+            "image_shape": [int(v) for v in new.shape],
+            "masked_fraction": 0.0 if mask is None else float(mask.mean())}  # fmt: skip
     if mode == "stamps":
         sources, cand = detect_stamps(
             net, ref_a, new_a, threshold, mask=mask, sigma=sigma,
@@ -609,6 +623,7 @@ def detect_images(
             batch_size=batch_size or (16 if device.type == "cuda" else 4), device=device,
             bf16=bf16, progress=progress,
         )  # fmt: skip
+    sources = drop_masked(sources, mask)
     if refine:
         from rtcnn.baseline import band_fwhm  # TODO: with the PSF fit, to a core module
 
