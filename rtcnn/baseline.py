@@ -379,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         if reg is not None:
             write_ds9_regions(cat, reg, overwrite=args.overwrite)
         nb = int(np.sum(cat["brightened"]))
+        masked = cat.meta.get("masked_fraction") or 0.0
         print(f"{out}: {len(cat)} candidates ({nb} brightened, {len(cat) - nb} faded) "
-              f"at >= {args.threshold:g} sigma in {cat.meta['seconds']:.2f} s")  # fmt: skip
+              f"at >= {args.threshold:g} sigma in {cat.meta['seconds']:.2f} s"
+              + (f"; {100 * masked:.3g}% of pixels NaN/inf, masked" if masked else ""))  # fmt: skip
     if failed:
         print(f"rtcnn: {len(failed)} of {len(jobs)} pairs failed:", file=sys.stderr)
         for line in failed:

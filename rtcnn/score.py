@@ -554,9 +554,16 @@ def image_area(catalog: Table, truth_path: Path, shape: tuple[int, int] | None) 
 
 
 def _read_truth(path: Path) -> Table:
-    from rtcnn.io import read_truth
+    """The truth table; checked against the pair's image beside it when there is one.
 
-    return read_truth(path)
+    With ``new.fits`` (else ``ref.fits``) next to the truth, RA/Dec-only rows are placed
+    through its WCS and a truth entirely off the image is an error (a wrong catalog).
+    """
+    from rtcnn.io import read_image, read_truth
+
+    image = next((read_image(p) for p in (path.parent / "new.fits", path.parent / "ref.fits")
+                  if p.is_file()), None)
+    return read_truth(path, image=image)
 
 
 def _truth_dmag(truth: Table, truth_path: Path, photometry: bool) -> np.ndarray | None:

@@ -145,8 +145,9 @@ def test_sweep_picks_deepest_m50_within_budget():
 def write_pair(tmp_path, name="pair_0000"):
     d = tmp_path / "data" / name
     d.mkdir(parents=True)
-    for img in ("ref.fits", "new.fits"):  # find_pairs looks for the images
-        fits.PrimaryHDU(np.zeros((4, 4), np.float32)).writeto(d / img)
+    for img in ("ref.fits", "new.fits"):  # find_pairs looks for the images; score checks
+        # that the truth lies on them (x <= 1000, y = 50 px)
+        fits.PrimaryHDU(np.zeros((64, 1100), np.float32)).writeto(d / img)
     hand_truth().write(d / "truth.ecsv", format="ascii.ecsv")
     hand_catalog().write(d / "cat.ecsv", format="ascii.ecsv")
     c2 = hand_catalog()[:5]
