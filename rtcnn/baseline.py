@@ -279,8 +279,11 @@ def run_baseline(
     psf_sigma(fwhm)  # validates
     wcs = new.require_wcs("give the candidates RA/Dec")
     diff, r, n, mask = difference_image(ref, new)
-    var, sigma_bkg = noise_variance(diff, r, n, ref.exptime, new.exptime, mask,
-                                    residual_fraction)  # fmt: skip
+    try:
+        var, sigma_bkg = noise_variance(diff, r, n, ref.exptime, new.exptime, mask,
+                                        residual_fraction)  # fmt: skip
+    except RtcnnInputError as err:  # name the pair's new image in the message
+        raise RtcnnInputError(err.path or new_path, err.problem) from None
     cuts = ShapeCuts() if cuts is None else cuts
     found = find_changes(diff, var, fwhm, threshold, cuts)
     xy = np.column_stack([found["x"], found["y"]])
