@@ -81,7 +81,11 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     # -- signals --------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._fit_trainer = trainer
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
+
+    def _install_sigint(self) -> None:
+        # after Lightning registered its SIGTERM handler (it restores the handlers it found
+        # then, on its teardown): on_train_start, not setup
+        if threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -122,6 +126,7 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
         self._restored_metrics = dict(state_dict.get("callback_metrics") or {})
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install_sigint()
         for name, value in self._restored_metrics.items():  # resumed: metrics of the last step
             trainer.callback_metrics.setdefault(name, torch.tensor(value))
         self._restored_metrics = {}
