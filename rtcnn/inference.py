@@ -56,6 +56,7 @@ STAMP_SIZE = 32  # px, stamp side (>= the 31 px receptive field of the default n
 ACCEPT_RADIUS = 3.0  # px, a stamp's detection counts only this close to its candidate
 MERGE_RADIUS = 2.0  # px, NMS radius of the final merge (one source, one detection)
 REFINE_MAX_SHIFT = 1.0  # px, a PSF fit further than this from the network's position is unused
+REFINE_MIN_SNR = 5.0  # PSF-fit S/N below which the network's position is kept (it is better)
 FIT_HALF = 2  # px, the PSF fit uses the (2 FIT_HALF + 1)^2 pixels around a detection
 DENSE_TILE = 512  # px, tile side in dense mode
 DENSE_OVERLAP = 64  # px, tile overlap in dense mode (2x the receptive field)
@@ -452,16 +453,23 @@ def detect_dense(
 
 
 # --------------------------------------------------------------------------- positions
-def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float,
-               max_shift: float = REFINE_MAX_SHIFT) -> tuple[Sources, np.ndarray]:
+def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float, *,
+               ref: np.ndarray | None = None, new: np.ndarray | None = None,
+               exptime: tuple[float | None, float | None] = (None, None),
+               sigma_bkg: float | None = None, max_shift: float = REFINE_MAX_SHIFT,
+               min_snr: float = REFINE_MIN_SNR) -> tuple[Sources, np.ndarray]:
     """Refine detected positions by a PSF fit to the difference image.
 
-    The network's positions (cell centre + offset head) come within a few tenths of a
-    pixel; a least-squares fit of the pixel-integrated Gaussian PSF of FWHM ``fwhm``
-    (px) on the 5x5 pixels of ``new - ref`` around each detection brings bright ones to
-    a few hundredths (the classical measurement, :func:`rtcnn.baseline.fit_psf`). A fit
-    that fails or lands more than ``max_shift`` px from the network's position is not
-    used (the network's position is kept).
+    The network's positions (cell centre + offset head) come within about 0.07 px for
+    bright sources; a weighted least-squares fit of the pixel-integrated Gaussian PSF of
+    FWHM ``fwhm`` (px) on the 5x5 pixels of ``new - ref`` around each detection
+    (:func:`rtcnn.baseline.fit_psf`, the classical measurement) does better wherever the
+    source is bright enough. The weights are the baseline's noise model: background,
+    the sources' Poisson noise and the subtraction-residual floor
+    (:data:`rtcnn.baseline.RESIDUAL_FRACTION`), when ``ref``, ``new``, ``exptime`` and
+    ``sigma_bkg`` are given (uniform weights otherwise). A fit with ``|S/N| < min_snr``,
+    that fails, or that lands more than ``max_shift`` px from the network's position is
+    not used: the network's position is kept.
 
     Returns
     -------
@@ -470,33 +478,63 @@ def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float,
     used : (N,) bool
         Where the fit was used.
     """
-    from rtcnn.baseline import fit_psf, psf_sigma  # TODO: move the PSF fit to a core module
+    from rtcnn.baseline import RESIDUAL_FRACTION, fit_psf, psf_sigma  # TODO: a core module
 
     n = len(sources)
     if n == 0:
         return sources, np.zeros(0, dtype=bool)
-    ny, nx = diff.shape
-    ix = np.clip(np.round(sources.x).astype(np.int64), 0, nx - 1)
-    iy = np.clip(np.round(sources.y).astype(np.int64), 0, ny - 1)
-    # the fit reads the 5x5 pixels around each detection: lay those stamps side by side in
-    # a strip (zeros beyond the image edge, as the fit's own padding) instead of handing it
-    # the whole image, which it would pad and copy
-    w = 2 * FIT_HALF + 1
-    off = np.arange(-FIT_HALF, FIT_HALF + 1)
-    rows = iy[:, None, None] + off[None, :, None]
-    cols = ix[:, None, None] + off[None, None, :]
-    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
-    stamps = np.where(inside, diff[rows.clip(0, ny - 1), cols.clip(0, nx - 1)], 0.0)
-    strip = stamps.transpose(1, 0, 2).reshape(w, n * w)
-    var = np.where(inside, 1.0, np.inf).transpose(1, 0, 2).reshape(w, n * w)  # uniform weights
-    sx = np.arange(n) * w + FIT_HALF
-    fit = fit_psf(strip, var, sx, np.full(n, FIT_HALF), psf_sigma(fwhm), half=FIT_HALF)
-    fx, fy = fit["x"] - sx + ix, fit["y"] - FIT_HALF + iy
-    used = fit["ok"] & (np.hypot(fx - sources.x, fy - sources.y) <= max_shift)
-    x = np.where(used, fx, sources.x)
-    y = np.where(used, fy, sources.y)
+    fit = None
+    x, y = sources.x, sources.y
+    for _ in range(2):  # refit on the stamp centred on the first fit's pixel
+        fit = _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg, fit_psf, psf_sigma,
+                          RESIDUAL_FRACTION)  # fmt: skip
+        ok = fit["ok"] & (np.hypot(fit["x"] - sources.x, fit["y"] - sources.y) <= max_shift)
+        x, y = np.where(ok, fit["x"], x), np.where(ok, fit["y"], y)
+    used = (fit["ok"] & (np.abs(fit["snr"]) >= min_snr)
+            & (np.hypot(fit["x"] - sources.x, fit["y"] - sources.y) <= max_shift))  # fmt: skip
+    x = np.where(used, fit["x"], sources.x)
+    y = np.where(used, fit["y"], sources.y)
     return Sources(x=x, y=y, score=sources.score, dmag=sources.dmag,
                    brightened=sources.brightened), used  # fmt: skip
+
+
+def _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg, fit_psf, psf_sigma,
+                residual_fraction) -> dict[str, np.ndarray]:
+    """:func:`rtcnn.baseline.fit_psf` on the 5x5 stamps around ``(x, y)``; image ``x``, ``y``."""
+    n = len(x)
+    ny, nx = diff.shape
+    ix = np.clip(np.round(x).astype(np.int64), 0, nx - 1)
+    iy = np.clip(np.round(y).astype(np.int64), 0, ny - 1)
+    # the fit reads the 5x5 pixels around each detection: lay those stamps side by side in
+    # a strip (zero data, zero weight beyond the image edge) instead of handing it the
+    # whole image, which it would pad and copy
+    w = 2 * FIT_HALF + 1
+    off = np.arange(-FIT_HALF, FIT_HALF + 1)
+    rows = (iy[:, None, None] + off[None, :, None]).clip(0, ny - 1)
+    cols = (ix[:, None, None] + off[None, None, :]).clip(0, nx - 1)
+    inside = ((iy[:, None, None] + off[None, :, None] >= 0)
+              & (iy[:, None, None] + off[None, :, None] < ny)
+              & (ix[:, None, None] + off[None, None, :] >= 0)
+              & (ix[:, None, None] + off[None, None, :] < nx))  # fmt: skip
+    var = np.ones((n, w, w))
+    if ref is not None and new is not None and sigma_bkg is not None:
+        r, s = ref[rows, cols].astype(np.float64), new[rows, cols].astype(np.float64)
+        var = np.full((n, w, w), sigma_bkg**2)
+        for img, t in ((r, exptime[0]), (s, exptime[1])):
+            if t:
+                var += np.clip(img, 0.0, None) / t
+        var += (residual_fraction * np.maximum(np.abs(r), np.abs(s))) ** 2
+
+    def strip(a):
+        return a.transpose(1, 0, 2).reshape(w, n * w)
+
+    d = np.where(inside, diff[rows, cols], 0.0)
+    var = np.where(inside, var, np.inf)
+    sx = np.arange(n) * w + FIT_HALF
+    fit = fit_psf(strip(d), strip(var), sx, np.full(n, FIT_HALF), psf_sigma(fwhm), half=FIT_HALF)
+    fit["x"] = fit["x"] - sx + ix
+    fit["y"] = fit["y"] - FIT_HALF + iy
+    return fit
 
 
 def photometric_dmag(ref, new, ref_a: np.ndarray, new_a: np.ndarray, sources: Sources,
@@ -627,7 +665,11 @@ def detect_images(
     if refine:
         from rtcnn.baseline import band_fwhm  # TODO: with the PSF fit, to a core module
 
-        sources, used = psf_refine(new_a - ref_a, sources, band_fwhm(new.band or ref.band))
+        sources, used = psf_refine(
+            new_a - ref_a, sources, band_fwhm(new.band or ref.band), ref=ref_a, new=new_a,
+            exptime=(ref.exptime, new.exptime), sigma_bkg=mad_sigma(
+                (new_a - ref_a)[::NOISE_SUBSAMPLE, ::NOISE_SUBSAMPLE]),
+        )  # fmt: skip
         info["psf_refined"] = int(used.sum())
     info["dmag"] = "network dmag head"
     if dmag == "photometry":
