@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> list[Path]:
             try:
                 ref_img, new_img = loaded.result()
                 _report_masked(name, ref_img, new_img)
-                with tqdm(desc=name, unit="stamp", disable=not show,
+                dense = args.mode == "dense" or (args.mode == "auto" and device.type == "cuda")
+                with tqdm(desc=name, unit="tile" if dense else "stamp", disable=not show,
                           leave=len(jobs) == 1) as bar:
                     table = detect_images(net, ref_img, new_img, threshold, mode=args.mode,
                                           batch_size=args.batch_size, device=device,
