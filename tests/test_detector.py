@@ -297,7 +297,10 @@ def test_detection_task_trains_and_logs_its_metrics(one_thread, tmp_path):
     batch["image"][:3] = batch["image"][:3].flip(1)
     task = DetectionTask(DenseDetector(channels=(8, 8, 8), head_channels=8), threshold=0.3)
     loader = DataLoader([batch], batch_size=None)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    trainer = L.Trainer(max_epochs=2, logger=logger, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(task, loader, loader)
@@ -309,3 +312,4 @@ def test_detection_task_trains_and_logs_its_metrics(one_thread, tmp_path):
     assert task.hparams["net"]["_target_"] == "rtcnn.models.detector.DenseDetector"
     assert logged["val/n_true"] == int(batch["valid"].sum())
     assert logged["val/sign_acc"] >= 0.0 or torch.isnan(logged["val/sign_acc"])
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # scalars and val/panels

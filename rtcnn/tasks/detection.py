@@ -46,7 +46,7 @@ from rtcnn.models.detector import (
     detector_loss,
     encode_targets,
 )
-from rtcnn.tasks.localization import LocalizationTask, build_net, net_spec
+from rtcnn.tasks.localization import DEFAULT_PANELS, LocalizationTask, build_net, net_spec
 
 DEFAULT_LR = 2e-3  # AdamW learning rate
 DEFAULT_WEIGHT_DECAY = 1e-4  # AdamW weight decay
@@ -110,6 +110,10 @@ class DetectionTask(LightningModule):
         Cells around a source where offsets, dmag and sign are trained.
     w_offset, w_dmag, w_sign : float
         Loss weights of the offset (px), dmag (mag) and sign terms.
+    n_panels : int
+        Tiles drawn in the TensorBoard figure ``val/panels`` each validation epoch
+        (reference / new / difference with the brightest true change and the best
+        detection; 0 = none). Tiles holding a change are drawn first.
     compile : bool
         ``torch.compile`` the network before fitting.
     """
@@ -126,6 +130,7 @@ class DetectionTask(LightningModule):
         w_offset: float = 1.0,
         w_dmag: float = 0.1,
         w_sign: float = 0.1,
+        n_panels: int = DEFAULT_PANELS,
         compile: bool = False,
     ):
         super().__init__()
@@ -146,6 +151,8 @@ class DetectionTask(LightningModule):
         base = detection_metrics(match_radius=match_radius)
         self.metrics = nn.ModuleDict({f"{s}_det": base.clone(prefix=f"{s}/") for s in STAGES})
         self.best = nn.ModuleDict({"f1": MaxMetric(), "within2px": MaxMetric()})
+        self.n_panels = int(n_panels)
+        self._panel: dict[str, torch.Tensor] | None = None
         for best in self.best.values():
             best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
 
@@ -154,7 +161,7 @@ class DetectionTask(LightningModule):
         return self.net(images, sigma)
 
     # ----------------------------------------------------------------- steps
-    def _step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
+    def _step(self, batch: Mapping[str, Any], stage: str) -> tuple[torch.Tensor, dict]:
         image = unreverse(batch)
         out = self(image)
         hp = self.hparams
@@ -174,16 +181,35 @@ class DetectionTask(LightningModule):
             self.metrics[f"{stage}_det"].update(
                 det, batch["xy"], batch["valid"], batch["dmag"], bright
             )
-        return losses["loss"]
+        return losses["loss"], {"image": image, "det": det}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val")
+        _, out = self._step(batch, "val")
+        if batch_idx == 0 and self.n_panels > 0:
+            self._panel = self._panel_data(batch, out["image"], out["det"])
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def _panel_data(self, batch: Mapping[str, Any], image: torch.Tensor, det: dict) -> dict:
+        """First ``n_panels`` tiles (with a change first): images, true and best positions."""
+        size = image.shape[-1]
+        has = batch["valid"].any(dim=1)
+        order = torch.argsort((~has).int(), stable=True)[: self.n_panels]
+        best = torch.full((image.shape[0], 2), float("nan"), device=image.device)
+        for b in order.tolist():  # a handful of tiles, once per validation epoch
+            mine = det["batch"] == b
+            if mine.any():
+                best[b] = det["xy"][mine][det["score"][mine].argmax()]
+        panel = {"images": image[order].detach().float().cpu(),
+                 "target": (batch["xy"][order, 0] / size).float().cpu(),
+                 "pred": (best[order] / size).cpu()}  # fmt: skip
+        if batch.get("snr") is not None:
+            panel["snr"] = torch.as_tensor(batch["snr"])[order].cpu()
+        return panel
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict:
         """Decoded sources of the batch (see :func:`rtcnn.models.detector.decode`)."""
@@ -214,11 +240,15 @@ class DetectionTask(LightningModule):
             if torch.isfinite(values[f"val/{name}"]):
                 best(values[f"val/{name}"])
             self.log(f"val/{name}_best", best.compute())
+        self._log_panels()
+        self._panel = None
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
     # ----------------------------------------------------------- optimizers
-    # the same wiring as the localisation task: compile at fit, optimizer/scheduler factories
+    # the same wiring as the localisation task: compile at fit, optimizer/scheduler factories,
+    # the panel figure
     setup = LocalizationTask.setup
     configure_optimizers = LocalizationTask.configure_optimizers
+    _log_panels = LocalizationTask._log_panels  # the val/panels TensorBoard figure
