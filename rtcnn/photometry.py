@@ -272,6 +272,30 @@ def aperture_correction(
     return ApertureCorrection(float(med), 2.5 * math.log10(med), float(std), int(kept.sum()))
 
 
+def image_aperture_correction(
+    image,
+    r_ap: float = DEFAULT_R_AP,
+    r_in: float = DEFAULT_R_IN,
+    r_out: float = DEFAULT_R_OUT,
+) -> "ApertureCorrection | float":
+    """Aperture correction to total flux for an :class:`rtcnn.io.Image` of a Roman band.
+
+    :func:`roman_aperture_correction` at the header's SCA and PSF position (``SCA``,
+    ``PSFSCAX``/``PSFSCAY``) when present; images from ``rtcnn.sim`` (``SIMMODE`` in the
+    header) normalise their PSF inside a 64 px box, so the correction is to that box. The
+    catalog side of eq. 1-2 is a total magnitude, so the aperture side must be too. A band
+    that is not Roman's gives 1.0 (no correction), logged.
+    """
+    h = image.header
+    pos = (float(h["PSFSCAX"]), float(h["PSFSCAY"])) if "PSFSCAX" in h and "PSFSCAY" in h else None
+    try:
+        return roman_aperture_correction(image.band or "", int(h.get("SCA", 7)), pos, r_ap, r_in,
+                                         r_out, box=64 if "SIMMODE" in h else None)  # fmt: skip
+    except (KeyError, ValueError) as err:
+        log.info("%s: no aperture correction for band %r (%s)", image.path, image.band, err)
+        return 1.0
+
+
 @functools.lru_cache(maxsize=32)
 def roman_aperture_correction(
     band: str = "H158",

@@ -116,7 +116,7 @@ def photometric_dmag(truth: Table, ref_path, new_path) -> np.ndarray | None:
         None when either image has no zero point.
     """
     from rtcnn.io import read_pair
-    from rtcnn.photometry import magdiff
+    from rtcnn.photometry import image_aperture_correction, magdiff
 
     ref, new = read_pair(ref_path, new_path)
     if ref.zeropoint is None or new.zeropoint is None or len(truth) == 0:
@@ -124,27 +124,10 @@ def photometric_dmag(truth: Table, ref_path, new_path) -> np.ndarray | None:
     xy = np.column_stack([_masked_float(truth, "x"), _masked_float(truth, "y")])
     tab = magdiff(ref.data, new.data, xy, _masked_float(truth, "mag_ref"),
                   _masked_float(truth, "mag_new"), ref.zeropoint, new.zeropoint,
-                  apcorr=_aperture_correction(new), mask_ref=ref.mask, mask_new=new.mask,
+                  apcorr=image_aperture_correction(new), mask_ref=ref.mask, mask_new=new.mask,
                   effective_gain=new.exptime)  # fmt: skip
     d = np.asarray(tab["magdiff"], dtype=np.float64)
     return np.where(np.asarray(tab["lower_limit"], dtype=bool), np.nan, d)
-
-
-def _aperture_correction(image) -> float:
-    """Aperture-to-total factor of the Roman PSF for ``image`` (1.0 for another band).
-
-    The same correction as the data layer's dmag targets (``rtcnn.data.index``): the
-    catalog side of eq. 1-2 is a total magnitude, so the aperture side must be too.
-    """
-    from rtcnn.photometry import roman_aperture_correction
-
-    h = image.header
-    pos = (float(h["PSFSCAX"]), float(h["PSFSCAY"])) if "PSFSCAX" in h and "PSFSCAY" in h else None
-    try:
-        return roman_aperture_correction(image.band or "", int(h.get("SCA", 7)), pos,
-                                         box=64 if "SIMMODE" in h else None).factor  # fmt: skip
-    except (KeyError, ValueError):
-        return 1.0
 
 
 def truth_columns(truth: Table, dmag: np.ndarray | None = None) -> dict[str, np.ndarray]:

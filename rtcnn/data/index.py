@@ -607,7 +607,8 @@ def _measure(ref, new, x, y, mag_ref, mag_new, config, pair) -> dict:
     tab = phot.magdiff(ref.data, new.data, xy, mag_ref, mag_new,
                        0.0 if zp_ref is None else zp_ref, 0.0 if zp_new is None else zp_new,
                        r_ap=config.r_ap, r_in=config.r_in, r_out=config.r_out,
-                       apcorr=_aperture_correction(new, config),
+                       apcorr=phot.image_aperture_correction(new, config.r_ap, config.r_in,
+                                                             config.r_out),
                        mask_ref=ref.mask, mask_new=new.mask)
     m_ref = np.asarray(tab["m_ref"], dtype=np.float64)
     m_new = np.asarray(tab["m_new"], dtype=np.float64)
@@ -624,24 +625,6 @@ def _measure(ref, new, x, y, mag_ref, mag_new, config, pair) -> dict:
     return {"dmag": np.asarray(tab["magdiff"], dtype=np.float64),
             "snr": np.asarray(tab["snr_diff"], dtype=np.float64), "dflux": dflux,
             "method": method, "zeropoint": (zp_ref, zp_new)}
-
-
-def _aperture_correction(image, config) -> "phot.ApertureCorrection | float":
-    """Aperture correction to total flux for ``image``: the Roman PSF model for a Roman band.
-
-    Uses the header's SCA and PSF position (``SCA``, ``PSFSCAX``/``PSFSCAY``) when present;
-    images from ``rtcnn.sim`` (``SIMMODE`` in the header) normalise their PSF inside a
-    64 px box, so the correction is to that box. Other bands: 1.0 (no correction), logged.
-    """
-    h = image.header
-    pos = (float(h["PSFSCAX"]), float(h["PSFSCAY"])) if "PSFSCAX" in h and "PSFSCAY" in h else None
-    try:
-        return phot.roman_aperture_correction(
-            image.band or "", int(h.get("SCA", 7)), pos, config.r_ap, config.r_in, config.r_out,
-            box=64 if "SIMMODE" in h else None)
-    except (KeyError, ValueError) as err:
-        log.info("%s: no aperture correction for band %r (%s)", image.path, image.band, err)
-        return 1.0
 
 
 def _pair_zeropoints(ref, new, mag_ref, mag_new, config, pair):
