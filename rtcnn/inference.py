@@ -47,6 +47,7 @@ from rtcnn.models.detector import (
     fuse_batchnorm,
 )
 from rtcnn.postprocess import Sources, TileStitcher, nms
+from rtcnn.psffit import band_fwhm, fit_psf, psf_sigma
 from rtcnn.tiles import tile_origins
 
 CANDIDATE_SIGMA = 1.0  # px, sigma of the Gaussian matched filter of the candidate pass
@@ -58,6 +59,7 @@ MERGE_RADIUS = 2.0  # px, NMS radius of the final merge (one source, one detecti
 REFINE_MAX_SHIFT = 1.0  # px, a PSF fit further than this from the network's position is unused
 REFINE_MIN_SNR = 5.0  # PSF-fit S/N below which the network's position is kept (it is better)
 FIT_HALF = 2  # px, the PSF fit uses the (2 FIT_HALF + 1)^2 pixels around a detection
+RESIDUAL_FRACTION = 0.02  # subtraction-residual noise per unit of local flux (the baseline's eta)
 DENSE_TILE = 512  # px, tile side in dense mode
 DENSE_OVERLAP = 64  # px, tile overlap in dense mode (2x the receptive field)
 NOISE_SUBSAMPLE = 4  # take every 4th row and column for the global noise estimate
@@ -463,10 +465,10 @@ def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float, *,
     The network's positions (cell centre + offset head) come within about 0.07 px for
     bright sources; a weighted least-squares fit of the pixel-integrated Gaussian PSF of
     FWHM ``fwhm`` (px) on the 5x5 pixels of ``new - ref`` around each detection
-    (:func:`rtcnn.baseline.fit_psf`, the classical measurement) does better wherever the
+    (:func:`rtcnn.psffit.fit_psf`, the classical measurement) does better wherever the
     source is bright enough. The weights are the baseline's noise model: background,
     the sources' Poisson noise and the subtraction-residual floor
-    (:data:`rtcnn.baseline.RESIDUAL_FRACTION`), when ``ref``, ``new``, ``exptime`` and
+    (:data:`RESIDUAL_FRACTION`, the baseline's value), when ``ref``, ``new``, ``exptime`` and
     ``sigma_bkg`` are given (uniform weights otherwise). A fit with ``|S/N| < min_snr``,
     that fails, or that lands more than ``max_shift`` px from the network's position is
     not used: the network's position is kept.
@@ -478,7 +480,6 @@ def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float, *,
     used : (N,) bool
         Where the fit was used.
     """
-    from rtcnn.baseline import RESIDUAL_FRACTION, fit_psf, psf_sigma  # TODO: a core module
 
     n = len(sources)
     if n == 0:
@@ -486,8 +487,7 @@ def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float, *,
     fit = None
     x, y = sources.x, sources.y
     for _ in range(2):  # refit on the stamp centred on the first fit's pixel
-        fit = _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg, fit_psf, psf_sigma,
-                          RESIDUAL_FRACTION)  # fmt: skip
+        fit = _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg)
         ok = fit["ok"] & (np.hypot(fit["x"] - sources.x, fit["y"] - sources.y) <= max_shift)
         x, y = np.where(ok, fit["x"], x), np.where(ok, fit["y"], y)
     used = (fit["ok"] & (np.abs(fit["snr"]) >= min_snr)
@@ -498,9 +498,8 @@ def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float, *,
                    brightened=sources.brightened), used  # fmt: skip
 
 
-def _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg, fit_psf, psf_sigma,
-                residual_fraction) -> dict[str, np.ndarray]:
-    """:func:`rtcnn.baseline.fit_psf` on the 5x5 stamps around ``(x, y)``; image ``x``, ``y``."""
+def _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg) -> dict[str, np.ndarray]:
+    """:func:`rtcnn.psffit.fit_psf` on the 5x5 stamps around ``(x, y)``; image ``x``, ``y``."""
     n = len(x)
     ny, nx = diff.shape
     ix = np.clip(np.round(x).astype(np.int64), 0, nx - 1)
@@ -523,7 +522,7 @@ def _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg, fit_psf, psf_sig
         for img, t in ((r, exptime[0]), (s, exptime[1])):
             if t:
                 var += np.clip(img, 0.0, None) / t
-        var += (residual_fraction * np.maximum(np.abs(r), np.abs(s))) ** 2
+        var += (RESIDUAL_FRACTION * np.maximum(np.abs(r), np.abs(s))) ** 2
 
     def strip(a):
         return a.transpose(1, 0, 2).reshape(w, n * w)
@@ -663,8 +662,6 @@ def detect_images(
         )  # fmt: skip
     sources = drop_masked(sources, mask)
     if refine:
-        from rtcnn.baseline import band_fwhm  # TODO: with the PSF fit, to a core module
-
         sources, used = psf_refine(
             new_a - ref_a, sources, band_fwhm(new.band or ref.band), ref=ref_a, new=new_a,
             exptime=(ref.exptime, new.exptime), sigma_bkg=mad_sigma(

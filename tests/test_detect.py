@@ -209,7 +209,7 @@ def test_sparse_peaks_equal_find_peaks():
 
 
 def test_psf_refine_recovers_sub_pixel_positions():
-    from rtcnn.baseline import psf_sigma
+    from rtcnn.psffit import psf_sigma
     from rtcnn.postprocess import Sources
     from scipy.special import erf
 
