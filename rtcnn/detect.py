@@ -12,7 +12,8 @@ Also ``python -m rtcnn.detect DIR_OR_GLOB --ckpt CKPT -o OUTDIR``: every pair fo
 
 Options: ``--threshold`` (default: the checkpoint's, else 0.5), ``--mode``
 (auto | stamps | dense; auto = stamps on CPU, dense on GPU), ``--batch-size``,
-``--device`` (auto | cpu | cuda[:N]), ``--bf16``, ``--no-refine`` (no PSF fit of the
+``--device`` (auto | cpu | cuda[:N]), ``--precision`` (auto | bf16 | fp32; auto = bf16
+where the device has native bfloat16), ``--no-refine`` (no PSF fit of the
 positions), ``--dmag`` (photometry | network), ``--threads``, ``--overwrite``,
 ``--no-progress``. Existing outputs are never replaced without ``--overwrite``; a user
 mistake prints ``rtcnn: error: <file>: <problem>`` and exits 2. In a directory of pairs an
@@ -40,6 +41,7 @@ from rtcnn.inference import (
     MODES,
     detect_images,
     load_detector,
+    native_bf16,
     resolve_device,
 )
 from rtcnn.io import find_pairs, read_pair
@@ -47,6 +49,7 @@ from rtcnn.io import find_pairs, read_pair
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5  # network score, when the checkpoint names none
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="stamps (or dense tiles) per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="network arithmetic: bf16 autocast, fp32, or auto = bf16 where the "
+                   "device has native bfloat16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs)")
     p.add_argument("--dmag", choices=DMAG_SOURCES, default="photometry",
                    help="catalog dmag from aperture photometry at the detections (default) "
                    "or from the network's dmag head")
@@ -159,7 +164,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         saved = torch.load(args.ckpt, map_location="cpu", weights_only=False)
         threshold = float((saved.get("hyper_parameters") or {}).get("threshold",
                                                                     DEFAULT_THRESHOLD))
-    meta = {"model": os.fspath(args.ckpt), "model_name": "dense", "device": str(device)}
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16(device))
+    meta = {"model": os.fspath(args.ckpt), "model_name": "dense", "device": str(device),
+            "precision": "bf16" if bf16 else "fp32"}  # fmt: skip
     written, skipped = [], []
     show = not args.no_progress
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -177,7 +184,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                           leave=len(jobs) == 1) as bar:
                     table = detect_images(net, ref_img, new_img, threshold, mode=args.mode,
                                           batch_size=args.batch_size, device=device,
-                                          bf16=args.bf16, refine=not args.no_refine,
+                                          bf16=bf16, refine=not args.no_refine,
                                           dmag=args.dmag, progress=bar, meta=meta)  # fmt: skip
             except RtcnnInputError as err:  # one unusable pair of many: skip it, name it
                 if args.strict or len(jobs) == 1:

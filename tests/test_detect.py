@@ -19,6 +19,7 @@ from rtcnn.inference import (
     find_candidates,
     image_sigma,
     load_detector,
+    native_bf16,
     psf_refine,
     sparse_peaks,
     stamp_origins,
@@ -94,6 +95,7 @@ def test_detect_writes_a_catalog_and_refuses_to_overwrite(pairs, ckpt, tmp_path,
     assert table.meta["ref"] == ref and table.meta["new"] == new
     assert table.meta["model"] == str(ckpt) and table.meta["threshold"] == pytest.approx(0.001)
     assert table.meta["mode"] == "stamps" and table.meta["n_candidates"] >= len(table)
+    assert table.meta["precision"] == ("bf16" if native_bf16("cpu") else "fp32")  # auto
     assert np.all(np.diff(table["score"]) <= 0) and np.all(table["score"] >= 0.001)
     assert np.all((table["x"] > -0.5) & (table["x"] < SIZE - 0.5))
     dmag = np.asarray(table["dmag"])
@@ -112,11 +114,12 @@ def test_detect_writes_a_catalog_and_refuses_to_overwrite(pairs, ckpt, tmp_path,
 def test_detect_a_directory_of_pairs_in_dense_mode(pairs, ckpt, tmp_path):
     outdir = tmp_path / "cats"
     assert main([str(pairs), "--ckpt", str(ckpt), "-o", str(outdir), "--threshold", LOW,
-                 "--mode", "dense", "--no-progress"]) == 0  # fmt: skip
+                 "--mode", "dense", "--precision", "fp32", "--no-progress"]) == 0  # fmt: skip
     written = sorted(p.name for p in outdir.iterdir())
     assert written == ["pair_0000.ecsv", "pair_0001.ecsv"]
     table = Table.read(outdir / "pair_0001.ecsv", format="ascii.ecsv")
     assert table.meta["mode"] == "dense" and table.meta["new"].endswith("pair_0001/new.fits")
+    assert table.meta["precision"] == "fp32"
 
 
 @pytest.mark.parametrize(
