@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rtcnn import plots, report
 from rtcnn.augment import D4_NAMES
+from rtcnn.catalog import atomic_write
 from rtcnn.errors import RtcnnInputError, cli_main
 from rtcnn.tasks import LocalizationTask
 from rtcnn.utils import log_unusable_pairs, run_hydra_main
@@ -245,12 +246,15 @@ def write_report(
             test = pred
     result["robustness"] = report.robustness_summary(test)
     table_meta = {**meta, "split": splits[-1]}
-    report.predictions_table(test, table_meta).write(out / "predictions.ecsv", format="ascii.ecsv")
-    report.robustness_table(test, table_meta).write(out / "robustness.ecsv", format="ascii.ecsv")
+    # atomic writes (temporary file + rename); metrics.json last: it marks a complete report
+    for name, table in (("predictions", report.predictions_table(test, table_meta)),
+                        ("robustness", report.robustness_table(test, table_meta))):
+        atomic_write(out / f"{name}.ecsv", True,
+                     lambda tmp, t=table: t.write(tmp, format="ascii.ecsv", overwrite=True))
     for name, fig in report.report_figures(test).items():
         plots.save_figure(fig, out / f"{name}.png")
-    with open(out / "metrics.json", "w") as fh:
-        json.dump(_jsonable(result), fh, indent=2)
+    atomic_write(out / "metrics.json", False, lambda tmp: Path(tmp).write_text(
+        json.dumps(_jsonable(result), indent=2)))
     return result
 
 
