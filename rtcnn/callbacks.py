@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +132,16 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             trainer.callback_metrics.setdefault(name, torch.tensor(value))
         self._restored_metrics = {}
 
-    def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
         self._restore_sigint()
         if self.signal_name is None and trainer.received_sigterm:
             self.signal_name = "SIGTERM"
         if trainer.state.fn != "fit" or not _training_started(trainer):
             return
-        super().on_exception(trainer, *args, **kwargs)
+        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            return  # an error on one process only: saving needs every process (a barrier)
+        super().on_exception(trainer, pl_module, exception)
         self.saved = Path(self.ckpt_path)
         log.warning("interrupted at epoch %d, step %d: resumable checkpoint %s",
                     trainer.current_epoch, trainer.global_step, self.ckpt_path)
@@ -145,7 +149,8 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
 
 def _training_started(trainer: pl.Trainer) -> bool:
     """True once the fit loop has trained at least one batch (in this or a resumed run)."""
-    return trainer.global_step > 0 or trainer.fit_loop.epoch_loop.batch_progress.total.completed > 0
+    progress = trainer.fit_loop.epoch_loop.batch_progress.total
+    return trainer.global_step > 0 or progress.completed > 0
 
 
 class StepSeed(Callback):

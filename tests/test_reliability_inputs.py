@@ -167,8 +167,9 @@ def det_ckpt(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     task = DetectionTask(DenseDetector(channels=(8, 8, 8), head_channels=8, prior=0.01))
-    batch = {"image": torch.randn(2, 2, 64, 64), "xy": torch.tensor([[[20.0, 30.0]], [[40.5, 10.25]]]),
-             "valid": torch.ones(2, 1, dtype=bool), "dmag": torch.ones(2, 1)}  # fmt: skip
+    xy = torch.tensor([[[20.0, 30.0]], [[40.5, 10.25]]])
+    batch = {"image": torch.randn(2, 2, 64, 64), "xy": xy, "valid": torch.ones(2, 1, dtype=bool),
+             "dmag": torch.ones(2, 1)}  # fmt: skip
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
