@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dmag", choices=DMAG_SOURCES, default="photometry",
                    help="catalog dmag from aperture photometry at the detections (default) "
                    "or from the network's dmag head")
+    p.add_argument("--tta", action="store_true",
+                   help="stamps mode: average the network over the 8 D4 views of each stamp")
     p.add_argument("--no-refine", action="store_true",
                    help="keep the network's positions (no PSF fit to the difference image)")
     p.add_argument("--threads", type=int, default=None,
@@ -185,7 +187,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                     table = detect_images(net, ref_img, new_img, threshold, mode=args.mode,
                                           batch_size=args.batch_size, device=device,
                                           bf16=bf16, refine=not args.no_refine,
-                                          dmag=args.dmag, progress=bar, meta=meta)  # fmt: skip
+                                          dmag=args.dmag, tta=args.tta, progress=bar,
+                                          meta=meta)  # fmt: skip
             except RtcnnInputError as err:  # one unusable pair of many: skip it, name it
                 if args.strict or len(jobs) == 1:
                     raise

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from rtcnn.augment import D4, D4_NAMES, apply_image, invert_coords
 from rtcnn.catalog import catalog_from_sources
 from rtcnn.errors import RtcnnInputError
 from rtcnn.models.detector import (
@@ -323,6 +324,37 @@ def _forward(net: DenseDetector, x: np.ndarray, sigma: float, device: torch.devi
         return net(images, sig)
 
 
+def _forward_d4(net: DenseDetector, x: np.ndarray, sigma: float, device: torch.device,
+                bf16: bool) -> dict[str, torch.Tensor]:
+    """The network averaged over the 8 D4 views of square inputs (test-time augmentation).
+
+    Each view's cell maps are mapped back to the input frame (offsets rotated as vectors);
+    heat and sign are averaged as probabilities (returned as logits), offsets and dmag as
+    values. Exact for inputs whose side is a multiple of the stride (the cell grid maps
+    onto itself).
+    """
+    images = torch.from_numpy(x).to(device)
+    acc: dict[str, torch.Tensor] = {}
+    for g in D4_NAMES:
+        out = _forward(net, apply_image(images, g).contiguous().cpu().numpy(), sigma, device,
+                       bf16)  # fmt: skip
+        k, flip = D4[g]
+        back = {}
+        for key, val in out.items():
+            val = val.float()
+            val = torch.rot90(val, -k, dims=(-2, -1)) if k else val
+            back[key] = torch.flip(val, dims=(-1,)) if flip else val
+        off = back["offset"].movedim(1, -1)  # (B, h, w, 2) vectors in the view's frame
+        back["offset"] = invert_coords(off, g, 1).movedim(-1, 1)  # n=1: linear part only
+        back["heat"] = torch.sigmoid(back["heat"])
+        back["sign"] = torch.sigmoid(back["sign"])
+        for key, val in back.items():
+            acc[key] = acc.get(key, 0.0) + val / len(D4_NAMES)
+    acc["heat"] = torch.logit(acc["heat"].clamp(1e-7, 1 - 1e-7))
+    acc["sign"] = torch.logit(acc["sign"].clamp(1e-7, 1 - 1e-7))
+    return acc
+
+
 def _final(x, y, score, dmag, brightened, threshold, merge_radius) -> Sources:
     x, y, score, dmag = (np.asarray(a, np.float64) for a in (x, y, score, dmag))
     brightened = np.asarray(brightened, bool)
@@ -349,6 +381,7 @@ def detect_stamps(
     batch_size: int = DEFAULT_BATCH,
     device: torch.device | str = "cpu",
     bf16: bool = False,
+    tta: bool = False,
     progress=None,
 ) -> tuple[Sources, Candidates]:
     """Candidates from the difference image, then the network on a stamp around each.
@@ -372,6 +405,8 @@ def detect_stamps(
     device : torch device
     bf16 : bool
         Run the network under bfloat16 autocast.
+    tta : bool
+        Average the network over the 8 D4 views of each stamp (8x the network time).
     progress : tqdm-like, optional
         ``progress.reset(total=n_stamps)``, then ``progress.update(n)`` after each batch.
 
@@ -393,7 +428,8 @@ def detect_stamps(
         progress.reset(total=len(cand))
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "y", "score", "dmag", "bright")}
     for sl in _batches(len(cand), batch_size):
-        out = _forward(net, extract_stamps(ref, new, origins[sl], stamp_size), sigma, device, bf16)
+        forward = _forward_d4 if tta else _forward
+        out = forward(net, extract_stamps(ref, new, origins[sl], stamp_size), sigma, device, bf16)
         det = decode(out, threshold=threshold, stride=stride)
         b = det["batch"].cpu().numpy() + sl.start
         xy = det["xy"].cpu().numpy().astype(np.float64) + origins[b]
@@ -602,6 +638,7 @@ def detect_images(
     bf16: bool = False,
     refine: bool = True,
     dmag: str = "photometry",
+    tta: bool = False,
     progress=None,
     meta: dict | None = None,
 ):
@@ -629,6 +666,8 @@ def detect_images(
         The catalog's dmag: aperture photometry at the final positions
         (:func:`photometric_dmag`, the data layer's definition; the network's value where
         a zero point is missing) or the network's dmag head.
+    tta : bool
+        Stamps mode: average the network over the 8 D4 views of each stamp.
     progress : tqdm-like, optional
         Progress bar: ``progress.reset(total=N)`` once the work is known (stamps or
         tiles), then ``progress.update(n)`` after each batch.
@@ -664,13 +703,14 @@ def detect_images(
                 mask |= m
     sigma = image_sigma(ref_a, new_a)
     info = {"ref": str(ref.path), "new": str(new.path), "threshold": float(threshold),
-            "mode": mode, "noise_sigma": sigma,
+            "mode": mode, "tta": bool(tta and mode == "stamps"), "noise_sigma": sigma,
             "image_shape": [int(v) for v in new.shape],
             "masked_fraction": 0.0 if mask is None else float(mask.mean())}  # fmt: skip
     if mode == "stamps":
         sources, cand = detect_stamps(
             net, ref_a, new_a, threshold, mask=mask, sigma=sigma,
-            batch_size=batch_size or DEFAULT_BATCH, device=device, bf16=bf16, progress=progress,
+            batch_size=batch_size or DEFAULT_BATCH, device=device, bf16=bf16, tta=tta,
+            progress=progress,
         )  # fmt: skip
         info["n_candidates"] = len(cand)
     else:

@@ -239,3 +239,21 @@ def test_psf_refine_recovers_sub_pixel_positions():
                   brightened=np.ones(1, bool))  # fmt: skip
     kept, used = psf_refine(diff.astype(np.float32), far, fwhm)  # nothing there to fit
     assert not used[0] or np.hypot(kept.x[0] - 50, kept.y[0] - 50) <= 1.0
+
+
+def test_d4_test_time_augmentation_is_equivariant():
+    """The D4-averaged net on a rotated stamp gives the rotated maps (offsets as vectors)."""
+    from rtcnn.augment import apply_coords, apply_image
+    from rtcnn.inference import _forward_d4
+
+    torch.manual_seed(3)
+    net = DenseDetector(channels=(8, 8, 8), head_channels=8).eval()
+    x = np.random.default_rng(9).normal(0, 1, (2, 2, 32, 32)).astype(np.float32)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        a = _forward_d4(net, x, 1.0, cpu, False)
+        b = _forward_d4(net, apply_image(torch.from_numpy(x), "rot90").numpy(), 1.0, cpu, False)
+    for key in ("heat", "dmag", "sign"):
+        assert_allclose(apply_image(a[key], "rot90").numpy(), b[key].numpy(), atol=1e-4)
+    rotated = apply_coords(a["offset"].movedim(1, -1), "rot90", 1).movedim(-1, 1)
+    assert_allclose(apply_image(rotated, "rot90").numpy(), b["offset"].numpy(), atol=1e-4)
