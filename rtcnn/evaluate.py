@@ -182,6 +182,12 @@ def split_loader(datamodule, split: str):
     """``datamodule``'s dataloader for ``split`` ('val' or 'test'), set up for it."""
     stage = {"val": "validate", "test": "test"}[split]
     datamodule.setup(stage)
+    datasets = getattr(datamodule, "datasets", None) or {}
+    if split in datasets and len(datasets[split]) == 0:
+        where = getattr(datamodule, "source", None)
+        raise RtcnnInputError(where, f"the {split} split has no tiles (too few pairs for "
+                              f"data.val_fraction/test_fraction, or data.split=region for one "
+                              f"pair); evaluate other splits with splits=[...]")
     return getattr(datamodule, f"{split}_dataloader")()
 
 

@@ -421,3 +421,18 @@ def test_empty_truth_catalog_is_valid(good, loc_run, candidates, tmp_path, monke
     capsys.readouterr()
     assert command("train", d, tmp_path, monkeypatch) == 2
     assert "has a transient that passes the visibility cut" in error_line(capsys)
+
+
+def test_evaluate_on_a_split_without_tiles_is_one_line(good, loc_run, tmp_path, monkeypatch,
+                                                       capsys):
+    """One pair all in the training split: no val tiles to evaluate, said in one line."""
+    d = make_case(good, tmp_path / "data", "NaN/inf pixels")
+    import rtcnn.evaluate as mod
+
+    argv = [f"ckpt_path={loc_run / 'checkpoints' / 'last.ckpt'}", f"data.root={d.parent}",
+            f"eval_root={tmp_path / 'eval'}", "splits=[val]"]
+    assert run_hydra(mod, argv, monkeypatch, tmp_path) == 2
+    assert error_line(capsys) == (f"rtcnn: error: {d.parent}: the val split has no tiles (too "
+                                  "few pairs for data.val_fraction/test_fraction, or "
+                                  "data.split=region for one pair); evaluate other splits "
+                                  "with splits=[...]")
