@@ -70,9 +70,9 @@ def log_hyperparameters(cfg: DictConfig, model: Any, loggers: list[Logger]) -> N
     """
     if not loggers:
         return
-    container = OmegaConf.to_container(cfg, resolve=True)
     params: dict[str, Any] = {
-        key: container.get(key)
+        key: OmegaConf.to_container(cfg[key], resolve=True)
+        if OmegaConf.is_config(cfg.get(key)) else cfg.get(key)
         for key in ("model", "data", "trainer", "callbacks", "task_name", "tags", "seed",
                     "ckpt_path")
     }
@@ -120,7 +120,7 @@ def get_metric_value(metrics: Mapping[str, Any], name: str | None) -> float | No
 @rank_zero_only
 def print_config(cfg: DictConfig, save_dir: str | Path | None = None) -> None:
     """Log the resolved config as YAML and save it to ``save_dir/config_tree.log``."""
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    text = OmegaConf.to_yaml({k: v for k, v in cfg.items() if k != "hydra"}, resolve=True)
     log.info("config:\n%s", text)
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,200 @@
+"""The training command end to end on a tiny simulated set (conftest.tiny_sim).
+
+fit + test with trainer=debug, a 2-value multirun, resuming from a checkpoint, DDP on
+CPU (2 processes, gloo), every experiment config, and the task's own pieces.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import CONF_DIR, compose_train, tiny_overrides
+from rtcnn.models import Attn5
+from rtcnn.tasks import LocalizationTask, panel_figure
+from rtcnn.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m rtcnn.train ARGS`` in ``cwd`` with the repository importable."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("PROJECT_ROOT", None)
+    proc = subprocess.run([sys.executable, "-m", "rtcnn.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def read_csv_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def epoch_values(rows: list[dict[str, str]], name: str) -> list[float]:
+    return [float(r[name]) for r in rows if r.get(name) not in (None, "")]
+
+
+# ------------------------------------------------------------------------- end to end
+def test_debug_fit_and_test_end_to_end(tiny_sim, tmp_path):
+    out = tmp_path / "run"
+    cfg = compose_train(["trainer=debug", "trainer.max_epochs=4", "logger=many_loggers",
+                         *tiny_overrides(tiny_sim, tmp_path)], out)
+    metrics, objects = train(cfg)
+
+    # the loss fell: first vs last training epoch (csv logger)
+    rows = read_csv_metrics(out / "csv" / "metrics.csv")
+    losses = epoch_values(rows, "train/loss")
+    assert len(losses) == 4
+    assert losses[-1] < losses[0]
+    for name in ("val/within2px", "val/within2px_best", "val/loss", "test/within1px",
+                 "test/within2px", "test/within5px", "test/dist_mean", "test/n_tiles",
+                 "test/within2px_snr10", "test/n_tiles_snr10"):
+        assert name in metrics, name
+    assert metrics["test/n_tiles"] >= metrics["test/n_tiles_snr10"] >= 1
+
+    # a best checkpoint and last.ckpt
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and any(n.startswith("epoch_") for n in ckpts)
+
+    # TensorBoard: scalars, learning rate, image panels, hyperparameters
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = acc.Tags()
+    for name in ("train/loss", "val/loss", "val/within2px", "test/within2px", "lr-Adam"):
+        assert name in tags["scalars"], name
+    assert "val/panels" in tags["images"]
+    assert (out / "tensorboard" / "hparams.yaml").is_file()
+
+    # the checkpoint alone rebuilds the model (no arguments)
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    module = LocalizationTask.load_from_checkpoint(best, map_location="cpu")
+    assert isinstance(module.net, Attn5)
+    assert module.net.config == objects["model"].net.config
+
+
+def test_multirun_makes_separate_run_dirs(tiny_sim, tmp_path):
+    args = ["-m", "model.optimizer.lr=1e-2,1e-3", "trainer=debug", "trainer.max_epochs=1",
+            "logger=csv", *tiny_overrides(tiny_sim, tmp_path)]
+    run_cli(args, cwd=tmp_path)
+    sweeps = list((tmp_path / "outputs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = []
+    for job in jobs:
+        rows = read_csv_metrics(job / "csv" / "metrics.csv")
+        assert epoch_values(rows, "val/within2px") and epoch_values(rows, "test/within2px")
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        lrs.append(OmegaConf.load(job / ".hydra" / "config.yaml").model.optimizer.lr)
+        assert_allclose(epoch_values(rows, "lr-Adam")[0], lrs[-1])
+    assert sorted(lrs) == [1e-3, 1e-2]
+
+
+def test_resume_continues_epochs_and_optimizer(tiny_sim, tmp_path):
+    base = ["trainer=debug", "test=false", "logger=csv", *tiny_overrides(tiny_sim, tmp_path)]
+    first = compose_train([*base, "trainer.max_epochs=1"], tmp_path / "first")
+    _, obj1 = train(first)
+    steps = obj1["trainer"].global_step
+    assert steps >= 1 and obj1["trainer"].current_epoch == 1
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] == steps
+    adam_steps = {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {float(steps)}
+
+    second = compose_train([*base, "trainer.max_epochs=2", f"ckpt_path={last}"],
+                           tmp_path / "second")
+    _, obj2 = train(second)
+    trainer = obj2["trainer"]
+    assert trainer.current_epoch == 2 and trainer.global_step == 2 * steps
+    state = trainer.optimizers[0].state
+    assert {float(s["step"]) for s in state.values()} == {float(2 * steps)}
+    # the resumed run wrote its own outputs; the first run's checkpoint is untouched
+    assert (tmp_path / "second" / "checkpoints" / "last.ckpt").is_file()
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
+    rows = read_csv_metrics(tmp_path / "second" / "csv" / "metrics.csv")
+    assert {int(r["epoch"]) for r in rows if r.get("train/loss")} == {1}
+
+
+@pytest.mark.slow  # two gloo processes: ~1 min on an idle 2-core machine; `make test-full`
+def test_ddp_on_cpu_two_processes(tiny_sim, tmp_path):
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.sync_batchnorm=false", "trainer.precision=32", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
+            "logger=csv", *tiny_overrides(tiny_sim, tmp_path)]
+    proc = run_cli(args, cwd=tmp_path)
+    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs  # both processes share one run directory
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    rows = read_csv_metrics(runs[0] / "csv" / "metrics.csv")
+    assert epoch_values(rows, "test/within2px")
+    assert "world_size=2" in proc.stderr or "MEMBER: 2/2" in proc.stderr
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_configs_compose_and_run(tiny_sim, tmp_path, name):
+    overrides = [f"experiment={name}", *tiny_overrides(tiny_sim, tmp_path),
+                 "trainer.fast_dev_run=true", "trainer.accelerator=cpu", "trainer.devices=1",
+                 "trainer.precision=32", "trainer.strategy=auto", "logger=csv"]
+    cfg = compose_train(overrides, tmp_path / "run")
+    metrics, _ = train(cfg)
+    assert "test/within2px" in metrics
+
+
+# ------------------------------------------------------------------------- the task
+def blob_batch(n: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Tiles with a Gaussian transient in the new image at known sub-pixel positions."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(6, 58, size=(n, 2))
+    yy, xx = np.mgrid[0:64, 0:64]
+    new = np.exp(-((xx - xy[:, 0, None, None]) ** 2 + (yy - xy[:, 1, None, None]) ** 2) / 2.0)
+    ref = rng.normal(0, 0.01, size=new.shape)
+    image = np.stack([ref, new + ref], axis=1).astype(np.float32)
+    return {"image": torch.from_numpy(image), "target": torch.tensor(xy / 64, dtype=torch.float32),
+            "snr": torch.tensor(rng.uniform(5, 20, size=n), dtype=torch.float32)}
+
+
+def test_panel_figure_marks_true_and_predicted_positions():
+    batch = blob_batch(3)
+    pred = batch["target"] + 2.0 / 64
+    fig = panel_figure(batch["image"], batch["target"], pred, batch["snr"], title="t")
+    axes = fig.axes
+    assert len([a for a in axes if a.images]) == 9  # 3 rows x (ref, new, difference)
+    lines = axes[1].get_lines()  # row 0, "new": true circle then predicted cross
+    assert_allclose(np.r_[lines[0].get_xdata(), lines[0].get_ydata()],
+                    batch["target"][0].numpy() * 64, atol=1e-4)
+    assert_allclose(np.r_[lines[1].get_xdata(), lines[1].get_ydata()],
+                    pred[0].numpy() * 64, atol=1e-4)
+    # origin='lower': the image's brightest pixel sits under the true marker
+    img = axes[1].images[0].get_array()
+    y, x = np.unravel_index(np.argmax(img), img.shape)
+    assert np.hypot(x - lines[0].get_xdata()[0], y - lines[0].get_ydata()[0]) <= 0.71
+
+
+def test_task_step_metrics_and_snr_subset():
+    torch.manual_seed(0)
+    task = LocalizationTask(Attn5(filters=[4, 8]), snr_threshold=10.0)
+    batch = blob_batch(8)
+    loss, pred = task._step(batch, "test")
+    assert_allclose(float(loss.detach()), float(((pred - batch["target"]) ** 2).mean()), rtol=1e-5)
+    out = task.test_metrics.compute()
+    sub = task.test_snr_metrics.compute()
+    assert float(out["test/n_tiles"]) == 8
+    assert float(sub["test/n_tiles_snr10"]) == int((batch["snr"] >= 10).sum())
+    d = (pred - batch["target"]).norm(dim=1) * 64
+    assert_allclose(float(out["test/dist_mean"]), float(d.mean()), rtol=1e-5)
