@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from numpy.testing import assert_allclose
 
+from conftest import compose_train
+
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
 STOP_STEP = 5  # the interruption comes after this training step (epoch 1 of 3, batch 2 of 4)
 MAX_EPOCHS = 3
 
@@ -62,29 +63,11 @@ def overrides(data: Path, extra: list[str] = ()) -> list[str]:
             "extras.print_config=false", *extra]
 
 
-def compose(args: list[str], out: Path):
-    """``conf/train.yaml`` composed with ``args``; its output directory is ``out``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=args, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    GlobalHydra.instance().clear()
-    return cfg
-
-
 def train_in_process(args: list[str], out: Path, extra_callbacks=()):
     """``rtcnn.train.train`` on the composed config; returns (exit code, metrics)."""
     import rtcnn.train as cmd
 
-    cfg = compose(args, out)
+    cfg = compose_train(args, out)
     orig = cmd.instantiate_callbacks
     cmd.instantiate_callbacks = lambda c: [*orig(c), *extra_callbacks]
     try:
