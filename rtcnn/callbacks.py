@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from rtcnn.io.fits import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -201,17 +202,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` through a temporary file in ``path``'s folder + rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda fh: torch.save(obj, fh))
 
 
 __all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "StepSeed", "atomic_torch_save",

@@ -30,9 +30,10 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from astropy.io import fits
@@ -349,10 +350,22 @@ def write_image(path: str | os.PathLike, data: np.ndarray,
     hdr = header if isinstance(header, fits.Header) else fits.Header(
         list((header or {}).items()))
     hdu = fits.PrimaryHDU(arr.astype(np.float32, copy=False), header=hdr)
+    return write_atomically(p, hdu.writeto)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Write ``path`` through a temporary file in its folder, then rename it into place.
+
+    ``write(fh)`` writes the content to an open binary file; it is flushed and
+    ``fsync``-ed, then :func:`os.replace`-d onto ``path``, so readers see the old file or
+    the complete new one, never a partial one. On any failure the temporary file is
+    removed and ``path`` is untouched.
+    """
+    p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            hdu.writeto(fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
