@@ -32,7 +32,7 @@ from lightning import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torch import nn
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric
 
 from rtcnn.metrics import DEFAULT_RADII, localization_metrics
 
@@ -173,8 +173,12 @@ class LocalizationTask(LightningModule):
         base = localization_metrics(radii=radii)
         postfix = f"_snr{self.snr_threshold:g}"
         # attributes {stage}_metrics and {stage}_snr_metrics (the S/N >= threshold subset)
+        # and {stage}_loss: the epoch's mean loss. All are synchronised across DDP processes
+        # inside the epoch-end hooks (every rank calls them), never lazily by the progress
+        # bar, which only rank 0 runs (a self.log(sync_dist=True) would deadlock there).
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", base.clone(prefix=f"{stage}/"))
+            setattr(self, f"{stage}_loss", MeanMetric())
         for stage in ("val", "test"):
             setattr(self, f"{stage}_snr_metrics", base.clone(prefix=f"{stage}/", postfix=postfix))
         self.val_within2px_best = MaxMetric()
@@ -190,8 +194,7 @@ class LocalizationTask(LightningModule):
         image, target = batch["image"], batch["target"]
         pred = self(image)
         loss = F.mse_loss(pred, target)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=image.shape[0], sync_dist=True)
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=image.shape[0])
         pred_d, target_d = pred.detach(), target.detach()
         getattr(self, f"{stage}_metrics").update(pred_d, target_d)
         snr = batch.get("snr")
@@ -226,8 +229,12 @@ class LocalizationTask(LightningModule):
         collection = getattr(self, f"{key}_metrics")
         values = collection.compute()
         collection.reset()
+        if key in STAGES:
+            loss = getattr(self, f"{key}_loss")
+            values[f"{key}/loss"] = loss.compute()
+            loss.reset()
         for name, value in values.items():
-            self.log(name, value, prog_bar=name.endswith("/within2px"))
+            self.log(name, value, prog_bar=name.endswith(("/within2px", "/loss")))
         return values
 
     def on_train_start(self) -> None:
