@@ -109,4 +109,47 @@ def test_bad_input_shapes():
     with pytest.raises(ValueError, match=r"expected input \(B, 2, H, W\), got \(1, 3, 64, 64\)"):
         model(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="must be divisible by 32"):
-        model(torch.zeros(1, 2, 48, 48))
+        model(torch.zeros(1, 2, 48, 48))  # 2 ** 5 = 32 does not divide 48
+
+
+# ---------------------------------------------------------------- soft-argmax readout
+def test_softargmax_parameter_count_and_shapes():
+    kw = dict(filters=[16, 32, 64, 64, 128], head="softargmax", pool_blocks=3)
+    model = Attn5(**kw).eval()
+    assert count(model) == n_parameters(filters=kw["filters"], head="softargmax")
+    out = model(torch.randn(4, 2, 64, 64))
+    assert out.shape == (4, 2)
+    amap = model.attention.last_map
+    assert amap.shape == (4, 1, 8, 8)  # 3 pools: 8x8 cells of 8 px
+    assert_allclose(amap.sum(dim=(1, 2, 3)).numpy(), 1.0, rtol=1e-5)
+    # block 4 and 5 keep the 8x8 resolution: no MaxPool in them
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.features[3])
+
+
+def test_softargmax_uniform_map_gives_tile_centre_and_peak_gives_cell_centre():
+    model = Attn5(filters=[4, 4, 4], head="softargmax", pool_blocks=3).eval()
+    head = model.attention
+    with torch.no_grad():
+        for conv in (head.conv, head.offset):
+            conv.weight.zero_()
+            conv.bias.zero_()
+    x = torch.randn(2, 2, 64, 64)
+    # uniform attention, zero offset: the mean cell centre = 31.5 px, the tile centre
+    assert_allclose(model(x).detach().numpy() * 64, 31.5, atol=1e-4)
+    # all weight on cell (row 2, column 5), offset +1 cell in x: (5.5 * 8 - 0.5 + 8) px
+    f = torch.zeros(1, 4, 8, 8)
+    f[0, 0, 2, 5] = 1.0
+    with torch.no_grad():
+        head.conv.weight[0, 0] = 100.0
+        head.offset.bias[0] = 20.0  # tanh(20) = 1 cell
+    xy = head(f, (64, 64)).detach().numpy()[0] * 64
+    assert_allclose(xy, [5.5 * 8 - 0.5 + 8, 2.5 * 8 - 0.5], atol=1e-3)
+
+
+def test_softargmax_rejects_sigmoid_and_bad_pool_blocks():
+    with pytest.raises(ValueError, match="out_activation applies to head='gap' only"):
+        Attn5(head="softargmax", out_activation="sigmoid")
+    with pytest.raises(ValueError, match=r"pool_blocks must be in \[0, 5\]"):
+        Attn5(pool_blocks=6)
+    with pytest.raises(ValueError, match="head must be one of"):
+        Attn5(head="flatten")
