@@ -20,6 +20,7 @@ from rtcnn.inference import (
     image_sigma,
     load_detector,
     native_bf16,
+    peak_fraction,
     psf_refine,
     sparse_peaks,
     stamp_origins,
@@ -257,3 +258,19 @@ def test_d4_test_time_augmentation_is_equivariant():
         assert_allclose(apply_image(a[key], "rot90").numpy(), b[key].numpy(), atol=1e-4)
     rotated = apply_coords(a["offset"].movedim(1, -1), "rot90", 1).movedim(-1, 1)
     assert_allclose(apply_image(rotated, "rot90").numpy(), b["offset"].numpy(), atol=1e-4)
+
+
+def test_single_pixel_hits_are_not_candidates():
+    rng = np.random.default_rng(10)
+    diff = rng.normal(0, 1, (120, 120)).astype(np.float32)
+    yy, xx = np.mgrid[0:120, 0:120]
+    diff += (60 / (2 * np.pi * 0.6**2)) * np.exp(-((xx - 30.2) ** 2 + (yy - 40.4) ** 2) / 0.72)
+    diff[90, 80] += 80.0  # a cosmic-ray hit: one pixel
+    diff[20, 100] -= 60.0  # one on the reference (a negative hit)
+    frac = peak_fraction(diff, np.array([30, 80, 100]), np.array([40, 90, 20]))
+    assert frac[0] < 0.66 and frac[1] > 0.9 and frac[2] > 0.9
+    cand = find_candidates(diff)
+    got = set(zip(cand.ix.tolist(), cand.iy.tolist()))
+    assert (30, 40) in got and (80, 90) not in got and (100, 20) not in got
+    every = find_candidates(diff, sharp_max=1.0)  # kept when asked
+    assert (80, 90) in set(zip(every.ix.tolist(), every.iy.tolist()))
