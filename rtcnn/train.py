@@ -4,10 +4,14 @@ The config is ``conf/train.yaml`` (Hydra). Examples::
 
     python -m rtcnn.train                              # attn5 on the simulated set, CPU
     python -m rtcnn.train model=attn5 trainer=gpu      # one GPU, bf16
-    python -m rtcnn.train trainer=ddp trainer.devices=4
+    python -m rtcnn.train trainer=ddp trainer.devices=4  # DDP, one process per GPU
+    python -m rtcnn.train experiment=paper             # the paper's network and 7000 epochs
     python -m rtcnn.train -m model.optimizer.lr=1e-2,1e-3 data.batch_size=16,32
     python -m rtcnn.train hparams_search=optuna        # maximise val/within2px_best
     python -m rtcnn.train ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt
+    python -m rtcnn.train -m hydra/launcher=slurm trainer=ddp trainer.devices=4 \
+        trainer.num_nodes=2 hydra.launcher.partition=gpu  # SLURM via submitit (conf/hydra/launcher)
+    tensorboard --logdir outputs                       # losses, metrics, LR, hparams, panels
 
 Each run writes to its own ``outputs/<task_name>/runs/<time>/`` (multiruns:
 ``outputs/<task_name>/multiruns/<time>/<job number>/``): ``checkpoints/`` (best by

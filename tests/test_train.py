@@ -156,6 +156,20 @@ def test_experiment_configs_compose_and_run(tiny_sim, tmp_path, name):
     assert "test/within2px" in metrics
 
 
+def test_sweep_and_launcher_configs_compose(tiny_sim, tmp_path):
+    cfg = compose_train(["hparams_search=optuna", *tiny_overrides(tiny_sim, tmp_path)],
+                        tmp_path / "run")
+    assert cfg.optimized_metric == "val/within2px_best"
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.hydra.mode.name == "MULTIRUN"
+    assert "model.optimizer.lr" in cfg.hydra.sweeper.params
+    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                         "trainer.num_nodes=2", *tiny_overrides(tiny_sim, tmp_path)],
+                        tmp_path / "run")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
+
+
 # ------------------------------------------------------------------------- the task
 def blob_batch(n: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
     """Tiles with a Gaussian transient in the new image at known sub-pixel positions."""
