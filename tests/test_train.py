@@ -189,7 +189,7 @@ def test_panel_figure_marks_true_and_predicted_positions():
     fig = panel_figure(batch["image"], batch["target"], pred, batch["snr"], title="t")
     axes = fig.axes
     assert len([a for a in axes if a.images]) == 9  # 3 rows x (ref, new, difference)
-    lines = axes[1].get_lines()  # row 0, "new": true circle then predicted cross
+    lines = axes[1].get_lines()  # row 0, "new": true circle then predicted plus
     assert_allclose(np.r_[lines[0].get_xdata(), lines[0].get_ydata()],
                     batch["target"][0].numpy() * 64, atol=1e-4)
     assert_allclose(np.r_[lines[1].get_xdata(), lines[1].get_ydata()],

@@ -13,7 +13,7 @@ loss, the MSE on those coordinates, and logs per stage and per epoch:
 * ``val/within2px_best``, the best ``val/within2px`` so far (the hyperparameter-search
   objective);
 * each validation epoch, a TensorBoard figure ``val/panels``: reference / new /
-  difference of a few tiles with the true (circle) and predicted (cross) positions.
+  difference of a few tiles with the true (circle) and predicted (plus) positions.
 
 Batches follow the data contract (``rtcnn.data``): ``batch["image"]`` (B, 2, 64, 64)
 float32, ``batch["target"]`` (B, 2) float32 in tile units, optional ``batch["snr"]`` (B,).
@@ -76,7 +76,7 @@ def panel_figure(
         Tiles, channel 0 reference and 1 new (any normalisation).
     target, pred : (N, 2)
         True and predicted ``(x, y)`` in tile units (px / S); drawn as a green circle and a
-        red cross at ``(x, y) * S`` px with ``origin='lower'`` (x right, y up).
+        red plus at ``(x, y) * S`` px with ``origin='lower'`` (x right, y up).
     snr : (N,), optional
         Difference-image S/N written in the row label.
     title : str
@@ -99,7 +99,7 @@ def panel_figure(
         ref, new = images[i, 0], images[i, 1]
         diff = new - ref
         lo, hi = np.percentile(np.concatenate([ref.ravel(), new.ravel()]), [1.0, 99.5])
-        dmax = np.abs(diff).max() or 1.0
+        dmax = float(np.percentile(np.abs(diff), 99.5)) or float(np.abs(diff).max()) or 1.0
         panels = [(ref, "reference", "gray", lo, hi), (new, "new", "gray", lo, hi),
                   (diff, "new - reference", "RdBu_r", -dmax, dmax)]
         tx, ty = target[i] * size
@@ -107,9 +107,10 @@ def panel_figure(
         dist = float(np.hypot(px - tx, py - ty))
         for j, (data, name, cmap, vmin, vmax) in enumerate(panels):
             ax = axes[i, j]
-            ax.imshow(data, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
-            ax.plot(tx, ty, "o", mfc="none", mec="lime", ms=12, mew=1.5, label="true")
-            ax.plot(px, py, "x", color="red", ms=9, mew=1.5, label="predicted")
+            ax.imshow(data, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax,
+                      interpolation="nearest")
+            ax.plot(tx, ty, "o", mfc="none", mec="lime", ms=16, mew=1.0, label="true")
+            ax.plot(px, py, "+", color="red", ms=7, mew=0.8, label="predicted")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
