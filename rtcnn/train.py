@@ -112,6 +112,8 @@ def main(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
     for name in sorted(metrics):
         log.info("%-28s %.4f", name, metrics[name])
+    if not cfg.get("train"):  # test only: there is no validation metric to return
+        return None
     return get_metric_value(metrics, cfg.get("optimized_metric"))
 
 

@@ -129,6 +129,12 @@ def test_resume_continues_epochs_and_optimizer(tiny_sim, tmp_path):
     rows = read_csv_metrics(tmp_path / "second" / "csv" / "metrics.csv")
     assert {int(r["epoch"]) for r in rows if r.get("train/loss")} == {1}
 
+    # test only, from the checkpoint: train=false test=true ckpt_path=...
+    only = compose_train([*base, "train=false", "test=true", f"ckpt_path={last}"],
+                         tmp_path / "test_only")
+    metrics, _ = train(only)
+    assert "test/within2px" in metrics and "val/within2px_best" not in metrics
+
 
 @pytest.mark.slow  # two gloo processes: ~1 min on an idle 2-core machine; `make test-full`
 def test_ddp_on_cpu_two_processes(tiny_sim, tmp_path):
