@@ -77,6 +77,7 @@ def test_debug_fit_and_test_end_to_end(tiny_sim, tmp_path):
     for name in ("train/loss", "val/loss", "val/within2px", "test/within2px", "lr-Adam"):
         assert name in tags["scalars"], name
     assert "val/panels" in tags["images"]
+    assert any(t.startswith("report/") for t in tags["images"])  # ReportFigures after test
     assert (out / "tensorboard" / "hparams.yaml").is_file()
 
     # the checkpoint alone rebuilds the model (no arguments)
