@@ -137,7 +137,7 @@ def test_resume_continues_epochs_and_optimizer(tiny_sim, tmp_path):
     assert "test/within2px" in metrics and "val/within2px_best" not in metrics
 
 
-@pytest.mark.slow  # two gloo processes: ~1 min on an idle 2-core machine; `make test-full`
+# two gloo processes: ~20 s on an idle 2-core machine (in `make test`: the DDP path is a must)
 def test_ddp_on_cpu_two_processes(tiny_sim, tmp_path):
     args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
             "trainer.sync_batchnorm=false", "trainer.precision=32", "trainer.max_epochs=1",
