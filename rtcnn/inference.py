@@ -63,6 +63,8 @@ MERGE_RADIUS = 2.0  # px, NMS radius of the final merge (one source, one detecti
 REFINE_MAX_SHIFT = 1.0  # px, a PSF fit further than this from the network's position is unused
 REFINE_MIN_SNR = 5.0  # PSF-fit S/N below which the network's position is kept (it is better)
 FIT_HALF = 2  # px, the PSF fit uses the (2 FIT_HALF + 1)^2 pixels around a detection
+WIDE_FIT_HALF = 5  # px, stamp half-width of the refit of bright detections (11x11)
+WIDE_FIT_SNR = 20.0  # |S/N| of the first fit above which the wide refit is used
 RESIDUAL_FRACTION = 0.02  # subtraction-residual noise per unit of local flux (the baseline's eta)
 DENSE_TILE = 512  # px, tile side in dense mode
 DENSE_OVERLAP = 64  # px, tile overlap in dense mode (2x the receptive field)
@@ -572,7 +574,11 @@ def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float, *,
     source is bright enough. The weights are the baseline's noise model: background,
     the sources' Poisson noise and the subtraction-residual floor
     (:data:`RESIDUAL_FRACTION`, the baseline's value), when ``ref``, ``new``, ``exptime`` and
-    ``sigma_bkg`` are given (uniform weights otherwise). A fit with ``|S/N| < min_snr``,
+    ``sigma_bkg`` are given (uniform weights otherwise). Detections whose fit has
+    ``|S/N| >= WIDE_FIT_SNR`` are refitted on a wider stamp (:data:`WIDE_FIT_HALF`): on the
+    validation SCA (seed 5151) that took the median error of S/N > 30 transients from
+    0.037 to 0.036 px, on the test SCAs (seed 7777) from 0.026 to 0.021 px, with the
+    Gaussian PSF model's mismatch to the Roman PSF as the floor. A fit with ``|S/N| < min_snr``,
     that fails, or that lands more than ``max_shift`` px from the network's position is
     not used: the network's position is kept.
 
@@ -593,6 +599,13 @@ def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float, *,
         fit = _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg)
         ok = fit["ok"] & (np.hypot(fit["x"] - sources.x, fit["y"] - sources.y) <= max_shift)
         x, y = np.where(ok, fit["x"], x), np.where(ok, fit["y"], y)
+    # bright sources: refit on a wider stamp (more of the PSF's wings constrain the centre)
+    wide = fit["ok"] & (np.abs(fit["snr"]) >= WIDE_FIT_SNR)
+    if wide.any():
+        fw = _fit_stamps(diff, x[wide], y[wide], fwhm, ref, new, exptime, sigma_bkg,
+                         half=WIDE_FIT_HALF)  # fmt: skip
+        for key in fit:
+            fit[key][wide] = np.where(fw["ok"], fw[key], fit[key][wide])
     used = (fit["ok"] & (np.abs(fit["snr"]) >= min_snr)
             & (np.hypot(fit["x"] - sources.x, fit["y"] - sources.y) <= max_shift))  # fmt: skip
     x = np.where(used, fit["x"], sources.x)
@@ -601,17 +614,18 @@ def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float, *,
                    brightened=sources.brightened), used  # fmt: skip
 
 
-def _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg) -> dict[str, np.ndarray]:
-    """:func:`rtcnn.psffit.fit_psf` on the 5x5 stamps around ``(x, y)``; image ``x``, ``y``."""
+def _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg,
+                half: int = FIT_HALF) -> dict[str, np.ndarray]:
+    """:func:`rtcnn.psffit.fit_psf` on the ``(2 half + 1)^2`` stamps around ``(x, y)``."""
     n = len(x)
     ny, nx = diff.shape
     ix = np.clip(np.round(x).astype(np.int64), 0, nx - 1)
     iy = np.clip(np.round(y).astype(np.int64), 0, ny - 1)
-    # the fit reads the 5x5 pixels around each detection: lay those stamps side by side in
+    # the fit reads the pixels around each detection: lay those stamps side by side in
     # a strip (zero data, zero weight beyond the image edge) instead of handing it the
     # whole image, which it would pad and copy
-    w = 2 * FIT_HALF + 1
-    off = np.arange(-FIT_HALF, FIT_HALF + 1)
+    w = 2 * half + 1
+    off = np.arange(-half, half + 1)
     rows = (iy[:, None, None] + off[None, :, None]).clip(0, ny - 1)
     cols = (ix[:, None, None] + off[None, None, :]).clip(0, nx - 1)
     inside = ((iy[:, None, None] + off[None, :, None] >= 0)
@@ -632,10 +646,10 @@ def _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg) -> dict[str, np.
 
     d = np.where(inside, diff[rows, cols], 0.0)
     var = np.where(inside, var, np.inf)
-    sx = np.arange(n) * w + FIT_HALF
-    fit = fit_psf(strip(d), strip(var), sx, np.full(n, FIT_HALF), psf_sigma(fwhm), half=FIT_HALF)
+    sx = np.arange(n) * w + half
+    fit = fit_psf(strip(d), strip(var), sx, np.full(n, half), psf_sigma(fwhm), half=half)
     fit["x"] = fit["x"] - sx + ix
-    fit["y"] = fit["y"] - FIT_HALF + iy
+    fit["y"] = fit["y"] - half + iy
     return fit
 
 
