@@ -1,8 +1,10 @@
 """Classical difference-image detection: the peer the neural detector has to beat.
 
 ``python -m rtcnn.baseline REF NEW -o baseline.ecsv [--threshold N_SIGMA] [--fwhm PX]
-[--overwrite] [--regions out.reg]`` (or ``python -m rtcnn.baseline DATA_DIR -o NAME`` for
-every pair found under a directory / glob: one catalog per pair directory).
+[--overwrite] [--regions [out.reg]]`` (or ``python -m rtcnn.baseline DIR_OR_GLOB -o OUTDIR
+[--strict]`` for every pair found under a directory / glob: ``OUTDIR/<pair name>.ecsv``
+each, an unusable pair skipped and named at the end — the same inputs and outputs as
+``python -m rtcnn.detect``, :mod:`rtcnn.cli`).
 
 Method (the textbook matched-filter search on a difference image)
 -----------------------------------------------------------------
@@ -56,16 +58,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
 from rtcnn.catalog import make_catalog, write_catalog, write_ds9_regions
-from rtcnn.errors import RtcnnInputError, cli_main
+from rtcnn.cli import add_pair_arguments, check_outputs, pair_jobs, report_skipped
+from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.postprocess import find_peaks, nms
 from rtcnn.psffit import (  # noqa: F401 - band_fwhm, fit_psf, psf_sigma re-exported
     DEFAULT_MODEL_ERROR,
@@ -76,6 +79,8 @@ from rtcnn.psffit import (  # noqa: F401 - band_fwhm, fit_psf, psf_sigma re-expo
     shape_moments,
     snr_map,
 )
+
+log = logging.getLogger(__name__)
 
 BASELINE_THRESHOLD = 5.0  # sigma, minimum PSF S/N of a reported change (the conventional 5)
 RESIDUAL_FRACTION = 0.02  # eta: subtraction-residual noise per unit of local flux (tuned)
@@ -313,84 +318,47 @@ def run_baseline(
 
 
 # --------------------------------------------------------------------------- command
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D102 - argparse hook
-        raise RtcnnInputError(None, f"{message} (see python -m rtcnn.baseline --help)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = _Parser(prog="python -m rtcnn.baseline", description=__doc__.splitlines()[0])
-    p.add_argument("inputs", nargs="+", metavar="REF NEW | DATA",
-                   help="a reference and a new FITS image, or one directory / glob of pair "
-                   "directories (ref.fits + new.fits each)")  # fmt: skip
-    p.add_argument("-o", "--output", required=True,
-                   help="catalog (.ecsv); with DATA a file name written into each pair directory")
+    p = CommandParser(prog="python -m rtcnn.baseline", description=__doc__.splitlines()[0])
+    add_pair_arguments(p)
     p.add_argument("--threshold", type=float, default=BASELINE_THRESHOLD,
                    help=f"minimum PSF S/N in sigma (default {BASELINE_THRESHOLD:g})")
     p.add_argument("--fwhm", type=float, default=None,
                    help="PSF FWHM in px (default: the Roman PSF of the header BAND, H158 1.39)")
-    p.add_argument("--regions", default=None,
-                   help="also write a DS9 region file (with DATA: a name in each pair directory)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return p
-
-
-def _jobs(args) -> list[tuple[Path, Path, Path, Path | None]]:
-    """(ref, new, catalog, regions) per pair from the command line."""
-    if len(args.inputs) == 2:
-        reg = None if args.regions is None else Path(args.regions)
-        return [(Path(args.inputs[0]), Path(args.inputs[1]), Path(args.output), reg)]
-    if len(args.inputs) != 1:
-        raise RtcnnInputError(None, "give REF NEW, or one directory / glob of pairs")
-    from rtcnn.io import find_pairs
-
-    for name in (args.output, args.regions):
-        if name is not None and Path(name).name != name:
-            raise RtcnnInputError(name, "with a directory of pairs, -o/--regions must be plain "
-                                  "file names (written into each pair directory)")  # fmt: skip
-    jobs = []
-    for pair in find_pairs(args.inputs[0]):
-        d = pair.new.parent
-        reg = None if args.regions is None else d / args.regions
-        jobs.append((pair.ref, pair.new, d / args.output, reg))
-    return jobs
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns 0, or 1 when some pairs of a directory failed."""
+    """Run the command; returns 0 (an unusable pair of a directory is skipped and named)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    jobs = _jobs(args)
-    if not args.overwrite:  # refuse before any work is done
-        for _, _, out, reg in jobs:
-            for path in (out, reg):
-                if path is not None and path.exists():
-                    raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
-    failed = []
-    for ref, new, out, reg in jobs:
+    jobs = pair_jobs(args.inputs, args.output, args.regions)
+    check_outputs(jobs, args.overwrite)
+    written, skipped = [], []
+    for job in jobs:
         t0 = time.perf_counter()
         try:
-            cat = run_baseline(ref, new, threshold=args.threshold, fwhm=args.fwhm)
-        except RtcnnInputError as err:
-            if len(jobs) == 1:
+            cat = run_baseline(job.ref, job.new, threshold=args.threshold, fwhm=args.fwhm)
+        except RtcnnInputError as err:  # one unusable pair of many: skip it, name it
+            if args.strict or len(jobs) == 1:
                 raise
-            failed.append(f"{err}")
+            log.warning("%s: skipped: %s", job.name, err)
+            skipped.append((job.name, err))
             continue
         cat.meta["seconds"] = round(time.perf_counter() - t0, 3)
-        write_catalog(cat, out, overwrite=args.overwrite)
-        if reg is not None:
-            write_ds9_regions(cat, reg, overwrite=args.overwrite)
+        write_catalog(cat, job.catalog, overwrite=args.overwrite)
+        if job.regions is not None:
+            write_ds9_regions(cat, job.regions, overwrite=args.overwrite)
+        written.append(job.catalog)
         nb = int(np.sum(cat["brightened"]))
         masked = cat.meta.get("masked_fraction") or 0.0
-        print(f"{out}: {len(cat)} candidates ({nb} brightened, {len(cat) - nb} faded) "
+        print(f"{job.catalog}: {len(cat)} candidates ({nb} brightened, {len(cat) - nb} faded) "
               f"at >= {args.threshold:g} sigma in {cat.meta['seconds']:.2f} s"
               + (f"; {100 * masked:.3g}% of pixels NaN/inf, masked" if masked else ""))  # fmt: skip
-    if failed:
-        print(f"rtcnn: {len(failed)} of {len(jobs)} pairs failed:", file=sys.stderr)
-        for line in failed:
-            print(f"  {line}", file=sys.stderr)
-        return 1
+    report_skipped(skipped, len(jobs), len(written))
     return 0
 
 

@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rtcnn.catalog import write_catalog, write_ds9_regions
-from rtcnn.errors import RtcnnInputError, cli_main
+from rtcnn.cli import add_pair_arguments, check_outputs, pair_jobs, report_skipped
+from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.inference import (
     DMAG_SOURCES,
     MODES,
@@ -44,7 +45,7 @@ from rtcnn.inference import (
     native_bf16,
     resolve_device,
 )
-from rtcnn.io import find_pairs, read_pair
+from rtcnn.io import read_pair
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +53,17 @@ DEFAULT_THRESHOLD = 0.5  # network score, when the checkpoint names none
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one :class:`RtcnnInputError` line."""
-
-    def error(self, message: str):  # noqa: D102 - argparse hook
-        raise RtcnnInputError(None, f"{message} (see python -m rtcnn.detect --help)")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = CommandParser(
         prog="python -m rtcnn.detect",
         description="Detect transients in a reference/new image pair (or a directory / glob "
         "of pairs) with the dense detector and write candidate catalogs (ECSV).",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="REF.fits NEW.fits, or one directory / glob of pair directories")
+    add_pair_arguments(p)
     p.add_argument("--ckpt", required=True, help="detector checkpoint (.ckpt)")
-    p.add_argument("-o", "--output", required=True,
-                   help="catalog file (one pair) or output directory (several pairs)")
     p.add_argument("--threshold", type=float, default=None,
                    help="minimum score (default: the checkpoint's, else 0.5)")
-    p.add_argument("--regions", nargs="?", const="", default=None, metavar="REG",
-                   help="also write a DS9 region file (one pair: REG, default next to the "
-                   "catalog with .reg; several pairs: <name>.reg in the output directory)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--strict", action="store_true",
-                   help="stop at the first unusable pair of a directory (default: skip it and "
-                   "name it at the end)")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="stamps around difference-image candidates (CPU default) or dense "
                    "tiles over the whole image (GPU default)")
@@ -108,40 +93,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise RtcnnInputError(None, f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads is not None and args.threads < 1:
         raise RtcnnInputError(None, f"--threads must be >= 1, got {args.threads}")
-    if len(args.inputs) > 2:
-        raise RtcnnInputError(None, "give REF NEW, or one directory / glob of pairs")
-
-
-def _jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path, Path, Path | None]]:
-    """(name, ref, new, catalog path, region path or None) for every pair to process."""
-    if len(args.inputs) == 2:
-        ref, new = (Path(p) for p in args.inputs)
-        out = Path(args.output)
-        reg = None
-        if args.regions is not None:
-            reg = Path(args.regions) if args.regions else out.with_suffix(".reg")
-        return [(new.parent.name or new.stem, ref, new, out, reg)]
-    pairs = find_pairs(args.inputs[0])
-    outdir = Path(args.output)
-    if outdir.exists() and not outdir.is_dir():
-        raise RtcnnInputError(outdir, "is a file; several pairs need an output directory")
-    outdir.mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for pf in pairs:
-        safe = pf.name.replace("/", "_")
-        reg = outdir / f"{safe}.reg" if args.regions is not None else None
-        jobs.append((pf.name, pf.ref, pf.new, outdir / f"{safe}.ecsv", reg))
-    return jobs
-
-
-def _check_outputs(jobs, overwrite: bool) -> None:
-    """Refuse before any work when an output exists (unless overwriting)."""
-    if overwrite:
-        return
-    for _, _, _, cat, reg in jobs:
-        for path in (cat, reg):
-            if path is not None and path.exists():
-                raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
 
 
 def _load(ref: Path, new: Path):
@@ -158,8 +109,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    jobs = _jobs(args)
-    _check_outputs(jobs, args.overwrite)
+    jobs = pair_jobs(args.inputs, args.output, args.regions)
+    check_outputs(jobs, args.overwrite)
     net = load_detector(args.ckpt, device)
     threshold = args.threshold
     if threshold is None:
@@ -202,15 +153,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             log.info("%s: %d candidates -> %s (%.2f s)", name, len(table), cat_path,
                      table.meta["seconds"])
             written.append(cat_path)
-    if skipped:
-        log.warning("rtcnn: %d of %d pairs skipped as unusable (--strict makes this an error):",
-                    len(skipped), len(jobs))
-        for name, err in skipped:
-            log.warning("  %s: %s", name, err)
-        if not written:
-            first = skipped[0][1]
-            raise RtcnnInputError(first.path, f"{first.problem} (all {len(jobs)} pairs are "
-                                  "unusable)")
+    report_skipped(skipped, len(jobs), len(written))
     return written
 
 

@@ -7,6 +7,7 @@ prints one line ``rtcnn: error: <file>: <problem>`` to stderr and exits with cod
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -45,3 +46,11 @@ def cli_main(func: Callable[..., Any]) -> Callable[..., Any]:
             raise SystemExit(EXIT_INPUT_ERROR) from None
 
     return wrapper
+
+
+class CommandParser(argparse.ArgumentParser):
+    """:class:`argparse.ArgumentParser` whose command-line errors are one
+    :class:`RtcnnInputError` line (exit 2 through :func:`cli_main`), pointing at ``--help``."""
+
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise RtcnnInputError(None, f"{message} (see {self.prog} --help)")

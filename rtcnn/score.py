@@ -58,7 +58,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from rtcnn.catalog import atomic_write, read_catalog
-from rtcnn.errors import RtcnnInputError, cli_main
+from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 
 MATCH_RADIUS = 2.0  # px, a detection within this distance of a truth row can match it
 FP_BUDGET = 10.0  # false positives per full SCA at the alert operating point
@@ -663,14 +663,10 @@ def write_json(obj: dict, path: str | os.PathLike, overwrite: bool = False) -> P
 
 
 # --------------------------------------------------------------------------- command
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D102 - argparse hook
-        raise RtcnnInputError(None, f"{message} (see python -m rtcnn.score --help)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    p = _Parser(prog="python -m rtcnn.score", description=__doc__.splitlines()[0])
+    p = CommandParser(prog="python -m rtcnn.score", description=__doc__.splitlines()[0])
     p.add_argument("catalogs", nargs="+", metavar="CATALOG",
                    help="candidate catalogs (one per method); with --data a file name inside "
                    "each pair directory or a path template with {pair}; without --truth "

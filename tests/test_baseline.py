@@ -132,21 +132,20 @@ def test_cli_writes_refuses_overwrite(pair, tmp_path, capsys):
     assert len(Table.read(out)) < 4
 
 
-def test_cli_directory_names_broken_pairs(pair, tmp_path, capsys):
+def test_cli_directory_writes_one_catalog_per_pair(pair, tmp_path, capsys):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(pair, data / "pair_0000")
-    (data / "pair_0001").mkdir()
-    shutil.copy(pair / "ref.fits", data / "pair_0001" / "ref.fits")  # new.fits missing
-    assert baseline.main([str(data), "-o", "baseline.ecsv"]) == 1
-    err = capsys.readouterr().err
-    assert "1 of 2 pairs failed" in err and "pair_0001/new.fits" in err
-    assert (data / "pair_0000" / "baseline.ecsv").is_file()
-    assert not (data / "pair_0001" / "baseline.ecsv").exists()
+    shutil.copytree(pair, data / "pair_0001")
+    out = tmp_path / "cats"
+    assert baseline.main([str(data), "-o", str(out), "--regions"]) == 0
+    for name in ("pair_0000", "pair_0001"):
+        assert (out / f"{name}.ecsv").is_file() and (out / f"{name}.reg").is_file()
+    (tmp_path / "file.ecsv").write_text("keep")
     with pytest.raises(SystemExit):
-        baseline.main([str(data), "-o", "sub/baseline.ecsv", "--overwrite"])
-    assert "must be plain file names" in capsys.readouterr().err
+        baseline.main([str(data), "-o", str(tmp_path / "file.ecsv")])
+    assert "is a file; several pairs need an output directory" in capsys.readouterr().err
 
 
 def test_cli_bad_inputs(pair, tmp_path, capsys):

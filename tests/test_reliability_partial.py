@@ -151,13 +151,21 @@ def test_detect_skips_broken_pairs_and_names_them(sim, det_ckpt, tmp_path, capsy
     assert line.startswith(f"rtcnn: error: {root / 'pair_0001' / 'new.fits'}: truncated FITS")
 
 
-def test_baseline_names_broken_pairs(sim, tmp_path, capsys):
+def test_baseline_skips_broken_pairs_and_names_them(sim, tmp_path, capsys, caplog):
+    """The baseline takes a directory exactly as detect does (rtcnn.cli)."""
     from rtcnn.baseline import main
 
     root = broken_copy(sim, tmp_path / "data")
-    code = run_cli(main, [root, "-o", "base.ecsv"])
-    assert code == 1  # the baseline's convention: some pairs failed
-    err = capsys.readouterr().err
-    assert f"2 of {N_PAIRS} pairs failed" in err
-    assert np.all([(root / n / "base.ecsv").is_file() != (n in BROKEN)
-                   for n in (f"pair_{i:04d}" for i in range(N_PAIRS))])
+    out = tmp_path / "base"
+    caplog.set_level(logging.INFO)
+    assert run_cli(main, [root, "-o", out]) == 0
+    good = sorted(f"pair_{i:04d}" for i in range(N_PAIRS) if f"pair_{i:04d}" not in BROKEN)
+    assert sorted(p.stem for p in out.glob("*.ecsv")) == good
+    tail = caplog.text[caplog.text.rindex("rtcnn: "):]  # at the end
+    assert f"2 of {N_PAIRS} pairs skipped as unusable" in tail
+    for name, case in BROKEN.items():
+        assert f"{name}: {root / name / 'new.fits'}: {CASES[case][2]}" in tail
+    capsys.readouterr()
+    assert run_cli(main, [root, "-o", tmp_path / "strict", "--strict"]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"rtcnn: error: {root / 'pair_0001' / 'new.fits'}: truncated FITS")

@@ -11,19 +11,13 @@ import argparse
 import sys
 import time
 
-from rtcnn.errors import RtcnnInputError, cli_main
+from rtcnn.errors import CommandParser, cli_main
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one :class:`RtcnnInputError` line."""
-
-    def error(self, message: str):  # noqa: D102 - argparse hook
-        raise RtcnnInputError(None, f"{message} (see python -m rtcnn.sim --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (values are checked by :func:`simulate_dataset`)."""
-    p = _Parser(prog="python -m rtcnn.sim", description=__doc__.splitlines()[0])
+    p = CommandParser(prog="python -m rtcnn.sim", description=__doc__.splitlines()[0])
     p.add_argument("outdir", help="output directory (created if missing)")
     p.add_argument("--pairs", type=int, default=10, help="number of pairs (default 10)")
     p.add_argument("--size", type=int, default=1024, help="image side in px, 64..4088 "
