@@ -412,7 +412,11 @@ class ReportFigures(Callback):
         self.n_extremes = int(n_extremes)
 
     def on_test_end(self, trainer, pl_module) -> None:
+        from rtcnn.tasks.localization import LocalizationTask
+
         if not trainer.is_global_zero or trainer.datamodule is None:
+            return
+        if not isinstance(pl_module, LocalizationTask):  # one position per tile models only
             return
         writers = [lg.experiment for lg in trainer.loggers
                    if hasattr(lg.experiment, "add_figure")]

@@ -155,12 +155,28 @@ def test_ddp_on_cpu_two_processes(tiny_sim, tmp_path):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_configs_compose_and_run(tiny_sim, tmp_path, name):
+    # one real (not fast_dev_run) epoch of 2 batches with TensorBoard, so that every
+    # callback of the experiment runs with a logger, as in a real run
     overrides = [f"experiment={name}", *tiny_overrides(tiny_sim, tmp_path),
-                 "trainer.fast_dev_run=true", "trainer.accelerator=cpu", "trainer.devices=1",
-                 "trainer.precision=32", "trainer.strategy=auto", "logger=csv"]
+                 "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                 "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                 "trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu",
+                 "trainer.devices=1", "trainer.precision=32", "trainer.strategy=auto",
+                 "logger=tensorboard"]
     cfg = compose_train(overrides, tmp_path / "run")
     metrics, _ = train(cfg)
     assert "test/within2px" in metrics
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_dense_experiment_is_the_reported_recipe(tmp_path):
+    """experiment=dense trains its 12 epochs (no CPU time cap) on 12 full SCAs, seed 2."""
+    cfg = compose_train(["experiment=dense"], tmp_path / "run")
+    assert cfg.trainer.max_time is None and cfg.trainer.max_epochs == 12
+    assert (cfg.data.pairs, cfg.data.size, cfg.data.sim_seed, cfg.data.mode) == (12, 4088, 2,
+                                                                                "epochs")
+    assert cfg.callbacks.get("report_figures") is None
+    assert cfg.callbacks.model_checkpoint.monitor == "val/f1"
 
 
 def test_sweep_and_launcher_configs_compose(tiny_sim, tmp_path):
