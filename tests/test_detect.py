@@ -242,6 +242,39 @@ def test_psf_refine_recovers_sub_pixel_positions():
     assert not used[0] or np.hypot(kept.x[0] - 50, kept.y[0] - 50) <= 1.0
 
 
+def test_psf_refine_wide_refit_of_bright_sources_and_image_edges():
+    """Bright sources (fit S/N >= WIDE_FIT_SNR) are refitted on the 11x11 stamp; a stamp
+    reaching past the image edge gives the off-image pixels zero weight."""
+    from scipy.special import erf
+
+    from rtcnn import inference
+    from rtcnn.postprocess import Sources
+    from rtcnn.psffit import psf_sigma
+
+    fwhm = 1.39  # px, Roman H158
+    sig = psf_sigma(fwhm)
+    rng = np.random.default_rng(3)
+    true = np.array([[1.3, 40.6], [50.45, 98.2], [70.2, 30.8]])  # two at an edge
+    diff = rng.normal(0, 0.05, (100, 100))
+    u = np.arange(100)
+
+    def g(c):
+        k = 1 / (np.sqrt(2) * sig)
+        return 0.5 * (erf((u - c + 0.5) * k) - erf((u - c - 0.5) * k))
+
+    for x, y in true:
+        diff += 80.0 * np.outer(g(y), g(x))  # S/N ~ 500: wide refit
+    start = true + 0.3
+    src = Sources(x=start[:, 0], y=start[:, 1], score=np.ones(3), dmag=np.zeros(3),
+                  brightened=np.ones(3, bool))  # fmt: skip
+    fit = inference._fit_stamps(diff, start[:, 0], start[:, 1], fwhm, None, None, (None, None),
+                                None, half=inference.WIDE_FIT_HALF)  # fmt: skip
+    assert np.all(np.abs(fit["snr"]) >= inference.WIDE_FIT_SNR) and fit["ok"].all()
+    out, used = psf_refine(diff.astype(np.float32), src, fwhm)
+    assert used.all()
+    assert_allclose(np.c_[out.x, out.y], true, atol=0.01)
+
+
 def test_d4_test_time_augmentation_is_equivariant():
     """The D4-averaged net on a rotated stamp gives the rotated maps (offsets as vectors)."""
     from rtcnn.augment import apply_coords, apply_image
