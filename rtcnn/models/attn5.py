@@ -263,9 +263,13 @@ class Attn5(nn.Module):
                 f"(2 ** pool_blocks for {self.config['pool_blocks']} pooling blocks)"
             )
         features = self.features(x)
-        if self.head_kind == "softargmax":
-            return self.attention(features, (x.shape[-2], x.shape[-1]))
-        out = self.head(self.pool(self.attention(features)))
+        # the readout in float32 even under bf16 autocast: a bf16 position is quantised to
+        # 1/256 of the tile (0.25 px); the convolutions above keep the speed of bf16
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            features = features.float()
+            if self.head_kind == "softargmax":
+                return self.attention(features, (x.shape[-2], x.shape[-1]))
+            out = self.head(self.pool(self.attention(features)))
         if self.out_activation == "sigmoid":
             out = torch.sigmoid(out)
         return out
