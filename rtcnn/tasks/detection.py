@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from torch import nn
 from torchmetrics import MaxMetric
 
@@ -46,7 +45,8 @@ from rtcnn.models.detector import (
     detector_loss,
     encode_targets,
 )
-from rtcnn.tasks.localization import DEFAULT_PANELS, LocalizationTask, build_net, net_spec
+from rtcnn.tasks.base import NetTask
+from rtcnn.tasks.localization import DEFAULT_PANELS
 
 DEFAULT_LR = 2e-3  # AdamW learning rate
 DEFAULT_WEIGHT_DECAY = 1e-4  # AdamW weight decay
@@ -87,19 +87,15 @@ def unreverse(batch: Mapping[str, Any]) -> torch.Tensor:
     return torch.where(rev.view(-1, 1, 1, 1), image.flip(1), image)
 
 
-class DetectionTask(LightningModule):
+class DetectionTask(NetTask):
     """Train a dense (CenterNet-style) transient detector.
 
     Parameters
     ----------
-    net : nn.Module or mapping
-        The network, or ``{"_target_": "rtcnn.models.detector.DenseDetector", **kwargs}``
-        (the form stored in checkpoints: ``load_from_checkpoint(path)`` needs no arguments).
-    optimizer : callable, optional
-        ``optimizer(params) -> Optimizer`` (a Hydra ``_partial_``); default AdamW,
-        lr 2e-3, weight decay 1e-4.
-    scheduler : callable, optional
-        ``scheduler(optimizer) -> LRScheduler``, stepped per epoch (monitors ``val/loss``).
+    net, optimizer, scheduler
+        The network (or its ``{"_target_": "rtcnn.models.detector.DenseDetector", ...}``
+        spec) and the optimizer / scheduler factories of :class:`rtcnn.tasks.base.NetTask`;
+        by default AdamW (lr 2e-3, weight decay 1e-4) at a constant learning rate.
     threshold : float
         Score threshold of the metrics (and the default of the catalog command).
     match_radius : float
@@ -114,8 +110,9 @@ class DetectionTask(LightningModule):
         Tiles drawn in the TensorBoard figure ``val/panels`` each validation epoch
         (reference / new / difference with the brightest true change and the best
         detection; 0 = none). Tiles holding a change are drawn first.
-    compile : bool
-        ``torch.compile`` the network before fitting.
+    compile, channels_last, gpu_augment
+        The speed switches of :mod:`rtcnn.tasks.base` (``gpu_augment="auto"``: D4 on the
+        device when training on CUDA).
     """
 
     def __init__(
@@ -132,27 +129,20 @@ class DetectionTask(LightningModule):
         w_sign: float = 0.1,
         n_panels: int = DEFAULT_PANELS,
         compile: bool = False,
+        channels_last: bool = False,
+        gpu_augment: bool | str = "auto",
     ):
-        super().__init__()
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
         if match_radius <= 0:
             raise ValueError(f"match_radius must be positive px, got {match_radius}")
-        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
-        self.net = build_net(net)
-        spec = net_spec(self.net)
-        if spec is not None:
-            self.hparams["net"] = spec
+        super().__init__(net, optimizer, scheduler, functools.partial(
+            torch.optim.AdamW, lr=DEFAULT_LR, weight_decay=DEFAULT_WEIGHT_DECAY))
         self.stride = int(getattr(self.net, "stride"))
-        self.optimizer_factory = optimizer or functools.partial(
-            torch.optim.AdamW, lr=DEFAULT_LR, weight_decay=DEFAULT_WEIGHT_DECAY
-        )
-        self.scheduler_factory = scheduler
         base = detection_metrics(match_radius=match_radius)
         self.metrics = nn.ModuleDict({f"{s}_det": base.clone(prefix=f"{s}/") for s in STAGES})
         self.best = nn.ModuleDict({"f1": MaxMetric(), "within2px": MaxMetric()})
         self.n_panels = int(n_panels)
-        self._panel: dict[str, torch.Tensor] | None = None
         for best in self.best.values():
             best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
 
@@ -223,11 +213,8 @@ class DetectionTask(LightningModule):
             self.log(name, value, prog_bar=name.endswith(("/f1", "/loc_median")))
         return values
 
-    def on_train_start(self) -> None:
-        if self.trainer.ckpt_path is not None:  # resumed: keep the best so far (checkpoint)
-            return
-        for best in self.best.values():  # the sanity check must not count as the best epoch
-            best.reset()
+    def best_metrics(self) -> list:
+        return list(self.best.values())
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
@@ -245,10 +232,3 @@ class DetectionTask(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
-
-    # ----------------------------------------------------------- optimizers
-    # the same wiring as the localisation task: compile at fit, optimizer/scheduler factories,
-    # the panel figure
-    setup = LocalizationTask.setup
-    configure_optimizers = LocalizationTask.configure_optimizers
-    _log_panels = LocalizationTask._log_panels  # the val/panels TensorBoard figure

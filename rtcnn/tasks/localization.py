@@ -25,128 +25,42 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
-from matplotlib.figure import Figure
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
 from rtcnn.metrics import DEFAULT_RADII, localization_metrics
+from rtcnn.tasks.base import NetTask, build_net, net_spec, panel_figure
 
 DEFAULT_LR = 1e-3  # Adam learning rate, constant (paper)
 DEFAULT_SNR_THRESHOLD = 10.0  # difference-image S/N of the "clearly visible" subset
 DEFAULT_PANELS = 4  # tiles drawn in the val/panels TensorBoard figure
 STAGES = ("train", "val", "test")
 
-
-def build_net(net: nn.Module | Mapping[str, Any]) -> nn.Module:
-    """Return ``net`` itself, or build it from a ``{"_target_": "module.Class", **kwargs}``."""
-    if isinstance(net, nn.Module):
-        return net
-    if not isinstance(net, Mapping) or "_target_" not in net:
-        raise TypeError(f"net must be an nn.Module or a mapping with '_target_', got {net!r}")
-    import hydra.utils
-
-    return hydra.utils.instantiate(dict(net), _convert_="all")
+# build_net, net_spec and panel_figure live in rtcnn.tasks.base; kept importable from here
+__all__ = ["LocalizationTask", "build_net", "net_spec", "panel_figure"]
 
 
-def net_spec(net: nn.Module) -> dict[str, Any] | None:
-    """``{"_target_": ..., **net.config}`` for a module exposing ``config`` (e.g. ``Attn5``)."""
-    config = getattr(net, "config", None)
-    if not isinstance(config, Mapping):
-        return None
-    return {"_target_": f"{type(net).__module__}.{type(net).__qualname__}", **config}
-
-
-def panel_figure(
-    images: torch.Tensor | np.ndarray,
-    target: torch.Tensor | np.ndarray,
-    pred: torch.Tensor | np.ndarray,
-    snr: torch.Tensor | np.ndarray | None = None,
-    title: str = "",
-) -> Figure:
-    """Draw tiles as rows of reference / new / difference with true and predicted positions.
-
-    Parameters
-    ----------
-    images : (N, 2, S, S)
-        Tiles, channel 0 reference and 1 new (any normalisation).
-    target, pred : (N, 2)
-        True and predicted ``(x, y)`` in tile units (px / S); drawn as a green circle and a
-        red plus at ``(x, y) * S`` px with ``origin='lower'`` (x right, y up).
-    snr : (N,), optional
-        Difference-image S/N written in the row label.
-    title : str
-        Figure title.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-        A figure (not registered with pyplot; no need to close it).
-    """
-    images = np.asarray(images, dtype=np.float32)
-    target = np.asarray(target, dtype=np.float64)
-    pred = np.asarray(pred, dtype=np.float64)
-    if images.ndim != 4 or images.shape[1] != 2:
-        raise ValueError(f"images must be (N, 2, S, S), got {images.shape}")
-    n, size = images.shape[0], images.shape[-1]
-    fig = Figure(figsize=(7.5, 2.5 * n), layout="constrained")
-    axes = fig.subplots(n, 3, squeeze=False)
-    for i in range(n):
-        ref, new = images[i, 0], images[i, 1]
-        diff = new - ref
-        lo, hi = np.percentile(np.concatenate([ref.ravel(), new.ravel()]), [1.0, 99.5])
-        dmax = float(np.percentile(np.abs(diff), 99.5)) or float(np.abs(diff).max()) or 1.0
-        panels = [(ref, "reference", "gray", lo, hi), (new, "new", "gray", lo, hi),
-                  (diff, "new - reference", "RdBu_r", -dmax, dmax)]
-        tx, ty = target[i] * size
-        px, py = pred[i] * size
-        dist = float(np.hypot(px - tx, py - ty))
-        for j, (data, name, cmap, vmin, vmax) in enumerate(panels):
-            ax = axes[i, j]
-            ax.imshow(data, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax,
-                      interpolation="nearest")
-            ax.plot(tx, ty, "o", mfc="none", mec="lime", ms=16, mew=1.0, label="true")
-            ax.plot(px, py, "+", color="red", ms=7, mew=0.8, label="predicted")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name)
-        label = f"d = {dist:.2f} px"
-        if snr is not None:
-            label += f"\nS/N = {float(np.asarray(snr)[i]):.1f}"
-        axes[i, 0].set_ylabel(label)
-    axes[0, 2].legend(loc="upper right", fontsize=7, framealpha=0.6)
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-class LocalizationTask(LightningModule):
+class LocalizationTask(NetTask):
     """Train a position regressor (``attn5``) with MSE on ``(x, y) / tile size``.
 
     Parameters
     ----------
     net : nn.Module or mapping
-        The network, or ``{"_target_": "rtcnn.models.attn5.Attn5", **kwargs}`` (the form
-        stored in checkpoints, so ``load_from_checkpoint(path)`` needs no arguments).
-    optimizer : callable, optional
-        ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra ``_partial_``); default
-        Adam with lr 1e-3, the paper's choice.
-    scheduler : callable, optional
-        ``scheduler(optimizer) -> LRScheduler``; None (default) keeps the LR constant as the
-        paper does. Stepped every epoch, monitoring ``val/loss`` if it needs a metric.
+        The network, or ``{"_target_": "rtcnn.models.attn5.Attn5", **kwargs}``.
+    optimizer, scheduler : callable, optional
+        Factories (:class:`rtcnn.tasks.base.NetTask`); default Adam with lr 1e-3 and a
+        constant learning rate, the paper's choice.
     snr_threshold : float
         Difference-image S/N threshold of the ``_snr{threshold}`` metric subset.
     radii : sequence of float
         Radii (px) of the ``within{r}px`` metrics.
     n_panels : int
         Tiles drawn in the ``val/panels`` figure each validation epoch (0 = none).
-    compile : bool
-        ``torch.compile`` the network before fitting.
+    compile, channels_last, gpu_augment
+        The speed switches of :mod:`rtcnn.tasks.base`: ``torch.compile``, channels-last
+        layout, D4 augmentation on the device (``"auto"``: on a CUDA device).
     """
 
     def __init__(
@@ -158,19 +72,15 @@ class LocalizationTask(LightningModule):
         radii: Sequence[float] = DEFAULT_RADII,
         n_panels: int = DEFAULT_PANELS,
         compile: bool = False,
+        channels_last: bool = False,
+        gpu_augment: bool | str = "auto",
     ):
-        super().__init__()
         radii = [float(r) for r in radii]  # plain floats (not ListConfig) in checkpoints
-        snr_threshold, n_panels, compile = float(snr_threshold), int(n_panels), bool(compile)
-        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
-        self.net = build_net(net)
-        spec = net_spec(self.net)
-        if spec is not None:
-            self.hparams["net"] = spec
-        self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=DEFAULT_LR)
-        self.scheduler_factory = scheduler
-        self.snr_threshold = float(snr_threshold)
-        self.n_panels = int(n_panels)
+        snr_threshold, n_panels = float(snr_threshold), int(n_panels)
+        super().__init__(net, optimizer, scheduler,
+                         functools.partial(torch.optim.Adam, lr=DEFAULT_LR))
+        self.snr_threshold = snr_threshold
+        self.n_panels = n_panels
         base = localization_metrics(radii=radii)
         postfix = f"_snr{self.snr_threshold:g}"
         # attributes {stage}_metrics and {stage}_snr_metrics (the S/N >= threshold subset)
@@ -184,7 +94,6 @@ class LocalizationTask(LightningModule):
             setattr(self, f"{stage}_snr_metrics", base.clone(prefix=f"{stage}/", postfix=postfix))
         self.val_within2px_best = MaxMetric()
         self.val_within2px_best.persistent(True)  # in checkpoints: a resumed run keeps its best
-        self._panel: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` tiles -> ``(B, 2)`` ``(x, y)`` in tile units."""
@@ -238,11 +147,8 @@ class LocalizationTask(LightningModule):
             self.log(name, value, prog_bar=name.endswith(("/within2px", "/loss")))
         return values
 
-    def on_train_start(self) -> None:
-        # the sanity-check validation must not count as the best epoch; a resumed run
-        # keeps the best so far (restored from the checkpoint)
-        if self.trainer.ckpt_path is None:
-            self.val_within2px_best.reset()
+    def best_metrics(self) -> list:
+        return [self.val_within2px_best]
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
@@ -260,30 +166,3 @@ class LocalizationTask(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
         self._log_metrics("test_snr")
-
-    def _log_panels(self) -> None:
-        if self._panel is None or self.trainer.global_rank != 0:
-            return
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                fig = panel_figure(
-                    self._panel["images"], self._panel["target"], self._panel["pred"],
-                    self._panel.get("snr"), title=f"epoch {self.current_epoch}",
-                )
-                logger.experiment.add_figure("val/panels", fig, global_step=self.current_epoch)
-
-    # ----------------------------------------------------------- optimizers
-    def setup(self, stage: str) -> None:
-        if self.hparams.compile and stage == "fit":
-            self.net = torch.compile(self.net)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss",
-                             "interval": "epoch", "frequency": 1},
-        }
