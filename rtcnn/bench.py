@@ -12,6 +12,34 @@ To add one: write ``bench_x(args)``, register it with ``@register("x", add_args)
     per tile summed over the main process and the workers (robust to other load on the
     machine); and the peak resident memory (VmHWM) of a fresh process that streams every
     tile of one full 4088 x 4088 Roman SCA pair.
+
+``train``
+    Training tiles/s of ``attn5`` (``conf/model/attn5.yaml``) and of the dense detector
+    (``conf/model/dense.yaml``): each step is the task's own ``training_step`` (forward,
+    the real loss, the training metrics) + backward + optimizer step, on a fixed batch of
+    synthetic tiles (:func:`synthetic_tiles`: sky noise, PSF-like sources, one transient
+    in the new image; minmax-normalised for attn5 as the data layer does, raw e-/s for the
+    detector), so the figure is the model's compute alone, not the data loading (that is
+    ``data``). For every model, batch (32 and the largest that fits: doubled until it no
+    longer fits in half the free memory on a CPU (capped at 1024) or until CUDA runs out of
+    memory), precision (fp32, bf16 autocast) and mode (eager, ``torch.compile``):
+    ``--repeats`` timed runs of N steps after warm-up steps (compilation included there and
+    reported as ``warmup_s``); median, min and max tiles/s. A compile failure is recorded
+    as its error message.
+
+``infer``
+    Seconds for one 4088 x 4088 pair (``--size``) -> catalog, each method in a fresh
+    process (its peak resident memory is the VmHWM of that process): the dense detector
+    through ``rtcnn.detect`` exactly as the command runs (checkpoint ``--ckpt``; without one
+    a freshly initialised, untrained detector: the network and candidate pass cost the
+    same, but it detects almost nothing, so the per-detection measurements cost less than
+    a trained model's), the classical baseline ``rtcnn.baseline`` on the same pair, and the
+    ``attn5`` grid scan of every 64 x 64 tile (stride 54). One warm-up run per process,
+    then ``--repeats`` timed runs; each from reading the FITS files to the catalog written.
+
+Torch CPU threads: ``--threads`` (default torch's choice, one per core); the count is
+recorded. With other processes on the machine torch's OpenMP threads spin and a step can
+get an order of magnitude slower: give it the free cores only.
 """
 
 from __future__ import annotations
@@ -30,11 +58,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rtcnn.errors import cli_main
+import numpy as np
+
+from rtcnn.errors import RtcnnInputError, cli_main
 
 SCA_SIZE = 4088  # px, side of a Roman SCA
 BENCH_BATCH = 256  # tiles per batch for the data benchmark
 MIB = 2**20  # bytes
+REPO = Path(__file__).resolve().parents[1]  # the checkout: conf/ and `python -m rtcnn` work here
+CONF_DIR = REPO / "conf"
+DEFAULT_REPEATS = {"data": 5, "train": 5, "infer": 3}  # timed repeats per benchmark
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {}
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
@@ -121,18 +154,58 @@ def _cpu_seconds(pids) -> float:
     return total
 
 
+# --------------------------------------------------------------------------- options
+def _common_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common")
+    g.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats (default: data 5 epochs, train 5, infer 3 runs)")
+    g.add_argument("--size", type=int, default=SCA_SIZE,
+                   help="side (px) of the simulated pair (default: a full SCA, 4088)")
+    g.add_argument("--data", default=None,
+                   help="folder of pairs to use (default: simulate one pair in a temp "
+                        "folder; kept there if --data names an empty/new folder)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, one per core)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
+
+
+def _repeats(args: argparse.Namespace, name: str) -> int:
+    n = DEFAULT_REPEATS[name] if args.repeats is None else int(args.repeats)
+    if n < 1:
+        raise RtcnnInputError(None, f"--repeats must be >= 1, got {n}")
+    return n
+
+
+def _device(args: argparse.Namespace):
+    from rtcnn.inference import resolve_device
+
+    return resolve_device(args.device)
+
+
+def _pair_root(args: argparse.Namespace, mode: str) -> tuple[Path, Path | None]:
+    """The folder of pairs to use, and the temp folder to delete afterwards (or None).
+
+    ``--data`` naming a non-empty folder: used as it is; else one ``--size`` pair is
+    simulated (``mode``) into ``--data`` or, without it, into a temp folder.
+    """
+    if args.data and Path(args.data).exists() and any(Path(args.data).iterdir()):
+        return Path(args.data), None
+    root = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="rtcnn-bench-"))
+    t0 = time.perf_counter()
+    _make_pair(root, args.size, mode)
+    print(f"  simulated in {time.perf_counter() - t0:.1f} s")
+    return root, None if args.data else root
+
+
 # --------------------------------------------------------------------------- data
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                    help="DataLoader worker counts to time (default: 0 1 2)")
     g.add_argument("--batch-size", type=int, default=BENCH_BATCH, help="tiles per batch")
-    g.add_argument("--repeats", type=int, default=5, help="timed epochs per worker count")
-    g.add_argument("--size", type=int, default=SCA_SIZE,
-                   help="side (px) of the simulated pair (default: a full SCA, 4088)")
-    g.add_argument("--data", default=None,
-                   help="folder of pairs to use (default: simulate one pair in a temp "
-                        "folder; kept there if --data names an empty/new folder)")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="time the loader without its D4 augmentation (e.g. for "
+                        "model.gpu_augment, which moves it onto the GPU)")
 
 
 def _stream_all(root: str, batch_size: int) -> dict:
@@ -170,12 +243,13 @@ def _stream_all(root: str, batch_size: int) -> dict:
             "checksum_finite": bool(np.isfinite(checksum))}
 
 
-def _throughput(root: str, workers: int, batch_size: int, repeats: int) -> dict:
+def _throughput(root: str, workers: int, batch_size: int, repeats: int,
+                augment: bool = True) -> dict:
     """Wall-clock tiles/s per epoch, and CPU seconds (main process + workers) per tile."""
     from rtcnn.data import FitsDataModule
 
     dm = FitsDataModule(root, samples="all", batch_size=batch_size, val_fraction=0,
-                        test_fraction=0, augment=True, num_workers=workers,
+                        test_fraction=0, augment=augment, num_workers=workers,
                         persistent_workers=workers > 0, prefetch_factor=4, progress=False)
     dm.setup()
     loader = dm.train_dataloader()
@@ -203,11 +277,11 @@ def _throughput(root: str, workers: int, batch_size: int, repeats: int) -> dict:
             "tiles_per_cpu_s": round(1e6 / cpu_us, 1)}
 
 
-def _make_pair(folder: Path, size: int) -> None:
+def _make_pair(folder: Path, size: int, mode: str = "inject") -> None:
     from rtcnn.sim import simulate_dataset
 
-    print(f"simulating one {size} x {size} px pair in {folder} ...", flush=True)
-    simulate_dataset(folder, 1, size, "inject", 0, overwrite=False, progress=True)
+    print(f"simulating one {size} x {size} px {mode} pair in {folder} ...", flush=True)
+    simulate_dataset(folder, 1, size, mode, 0, overwrite=False, progress=True)
 
 
 @register("data", _data_args)
@@ -215,15 +289,8 @@ def bench_data(args: argparse.Namespace) -> dict:
     """Streaming throughput per worker count, index build time and peak memory."""
     from rtcnn.data import FitsDataModule
 
-    tmp = None
-    if args.data and Path(args.data).exists() and any(Path(args.data).iterdir()):
-        root = Path(args.data)
-    else:
-        root = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="rtcnn-bench-"))
-        tmp = None if args.data else root
-        t0 = time.perf_counter()
-        _make_pair(root, args.size)
-        print(f"  simulated in {time.perf_counter() - t0:.1f} s")
+    repeats = _repeats(args, "data")
+    root, tmp = _pair_root(args, "inject")
     try:
         t0 = time.perf_counter()
         dm = FitsDataModule(str(root), samples="all", val_fraction=0, test_fraction=0,
@@ -234,20 +301,20 @@ def bench_data(args: argparse.Namespace) -> dict:
         res = {"data": str(root), "pairs": dm.index.n_pairs,
                "image_shape": [int(v) for v in dm.index.pairs["shape"][0]],
                "tiles": dm.index.n_tiles, "changes": int(len(dm.index.changes["x"])),
-               "index_build_s": round(index_s, 2), "throughput": []}
+               "index_build_s": round(index_s, 2), "augment": bool(args.augment),
+               "throughput": []}
         print(f"index: {res['tiles']} tiles, {res['changes']} changes, built in "
               f"{index_s:.2f} s")
         for w in args.workers:
-            r = _throughput(str(root), w, args.batch_size, args.repeats)
+            r = _throughput(str(root), w, args.batch_size, repeats, args.augment)
             res["throughput"].append(r)
             print(f"  workers={w}: {r['tiles_per_s_median']:>8.0f} tiles/s wall (median of "
-                  f"{args.repeats} epochs of {r['tiles_per_epoch']} tiles), "
+                  f"{repeats} epochs of {r['tiles_per_epoch']} tiles), "
                   f"{r['cpu_us_per_tile']:.1f} us CPU/tile in all processes = "
                   f"{r['tiles_per_cpu_s']:.0f} tiles per CPU-second", flush=True)
         cmd = [sys.executable, "-m", "rtcnn.bench", "_stream", str(root),
                "--batch-size", str(args.batch_size)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
         mem = json.loads(out.stdout.strip().splitlines()[-1])
         res["memory"] = mem
         print(f"memory: streaming all {mem['tiles']} tiles of the {mem['image_shape'][1]} x "
@@ -265,6 +332,561 @@ def bench_data(args: argparse.Namespace) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- train
+TRAIN_MODELS = ("attn5", "dense")  # conf/model/<name>.yaml
+TRAIN_PRECISIONS = ("fp32", "bf16")  # bf16 = torch.autocast bfloat16, as Lightning's bf16-mixed
+TRAIN_BATCH = 32  # tiles, the paper's batch
+CPU_MAX_BATCH = 1024  # tiles, cap of the largest-batch search on a CPU
+GPU_MAX_BATCH = 65536  # tiles, cap of the largest-batch search on a GPU (it stops at OOM first)
+CPU_MEMORY_FRACTION = 0.5  # the largest CPU batch may use at most this fraction of MemAvailable
+TRAIN_WARMUP = 3  # untimed steps before timing (compilation, allocator, oneDNN primitives)
+REPEAT_SECONDS = 2.0  # without --steps, each timed repeat runs about this long
+SKY_NOISE = 0.1  # e-/s per pixel: noise of the synthetic sky-subtracted tiles
+PSF_SIGMA = 0.59  # px, Gaussian sigma of the synthetic sources (Roman H158 FWHM 1.39 px)
+SYN_SOURCES = 4  # constant sources per synthetic tile (both epochs)
+TILE = 64  # px, tile side (rtcnn.tiles.TILE_SIZE)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("train")
+    g.add_argument("--models", nargs="+", choices=TRAIN_MODELS, default=list(TRAIN_MODELS))
+    g.add_argument("--precisions", nargs="+", choices=TRAIN_PRECISIONS,
+                   default=list(TRAIN_PRECISIONS))
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch.compile (default); --no-compile: eager only")
+    g.add_argument("--channels-last", action="store_true",
+                   help="channels-last layout (model.channels_last=true) in every run")
+    g.add_argument("--batch", type=int, default=TRAIN_BATCH,
+                   help=f"the fixed batch (default {TRAIN_BATCH}, the paper's)")
+    g.add_argument("--max-batch", type=int, default=None,
+                   help=f"cap of the largest-batch search (default {CPU_MAX_BATCH} on a CPU, "
+                        f"{GPU_MAX_BATCH} on a GPU); <= --batch: no search")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps per timed repeat (default: ~{REPEAT_SECONDS:g} s worth)")
+    g.add_argument("--warmup", type=int, default=TRAIN_WARMUP, help="untimed steps first")
+
+
+def synthetic_tiles(n: int, rng, size: int = TILE):
+    """Synthetic tile pairs with the pixel statistics of the data: sky noise, sources, a change.
+
+    Parameters
+    ----------
+    n : int
+        Tiles.
+    rng : numpy.random.Generator
+    size : int
+        Tile side, px.
+
+    Returns
+    -------
+    images : (n, 2, size, size) float32
+        e-/s, sky-subtracted: Gaussian noise (:data:`SKY_NOISE`), :data:`SYN_SOURCES`
+        Gaussian PSFs (:data:`PSF_SIGMA`) at 3-1000 sigma peaks in both channels, and one
+        transient at 10-300 sigma in channel 1 (new) only.
+    xy : (n, 2) float32
+        Transient position (x, y), px, 0-based.
+    peak : (n,) float32
+        Transient peak, e-/s.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    images = rng.normal(0.0, SKY_NOISE, (n, 2, size, size)).astype(np.float32)
+
+    def psf(x, y, peak):  # (n,) each -> (n, size, size)
+        r2 = (xx - x[:, None, None]) ** 2 + (yy - y[:, None, None]) ** 2
+        return (peak[:, None, None] * np.exp(-r2 / (2 * PSF_SIGMA**2))).astype(np.float32)
+
+    for _ in range(SYN_SOURCES):
+        x, y = rng.uniform(-0.5, size - 0.5, (2, n)).astype(np.float32)
+        images += psf(x, y, SKY_NOISE * 10 ** rng.uniform(0.5, 3.0, n))[:, None]
+    xy = rng.uniform(2.0, size - 3.0, (n, 2)).astype(np.float32)
+    peak = (SKY_NOISE * 10 ** rng.uniform(1.0, 2.5, n)).astype(np.float32)
+    images[:, 1] += psf(xy[:, 0], xy[:, 1], peak)
+    return images, xy, peak
+
+
+def synthetic_batch(model: str, n: int, seed: int = 0) -> dict:
+    """A training batch of the data contract (:mod:`rtcnn.data`) from :func:`synthetic_tiles`.
+
+    ``attn5``: minmax-normalised tiles (the data layer's default for it); ``dense``: raw
+    e-/s tiles (``experiment=dense`` uses ``normalization: none``).
+    """
+    import torch
+
+    from rtcnn.data import normalize_tiles
+
+    rng = np.random.default_rng(seed)
+    images, xy, peak = synthetic_tiles(n, rng)
+    if model == "attn5":
+        normalize_tiles(images, "minmax")
+    flux = peak * 2 * np.pi * PSF_SIGMA**2  # e-/s
+    batch = {
+        "image": images, "target": xy / np.float32(TILE), "xy": xy[:, None],
+        "valid": np.ones((n, 1), bool), "dflux": flux[:, None],
+        "dmag": rng.uniform(0.2, 3.0, (n, 1)).astype(np.float32),
+        "reversed": np.zeros(n, bool),
+        "snr": (peak / SKY_NOISE).astype(np.float32),
+    }
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def build_task(model: str, **overrides):
+    """The task of ``conf/model/<model>.yaml`` (Hydra-instantiated), with key overrides."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
+    for key, value in {"n_panels": 0, **overrides}.items():
+        cfg[key] = value
+    return instantiate(cfg)
+
+
+class _Steps:
+    """One task, one fixed batch, its optimizer: ``step()`` = forward, loss, backward, update."""
+
+    def __init__(self, model: str, batch_size: int, device, precision: str, compile: bool,
+                 channels_last: bool):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.task = build_task(model, compile=compile, channels_last=channels_last).to(device)
+        self.task.setup("fit")  # torch.compile and the memory layout, as in training
+        self.task.train()
+        opt = self.task.configure_optimizers()
+        self.opt = opt["optimizer"] if isinstance(opt, dict) else opt
+        batch = {k: v.to(device) for k, v in synthetic_batch(model, batch_size).items()}
+        self.batch = self.task.on_after_batch_transfer(batch, 0)
+        self.bf16 = precision == "bf16"
+        self.n = 0
+
+    def step(self) -> float:
+        import warnings
+
+        torch = self.torch
+        self.opt.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # self.log() without a Trainer: a no-op that warns
+            warnings.simplefilter("ignore")
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.task.training_step(self.batch, self.n)
+        loss.backward()
+        self.opt.step()
+        self.n += 1
+        return loss
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def reset_metrics(self) -> None:
+        from torchmetrics import Metric
+
+        for m in self.task.modules():
+            if isinstance(m, Metric):
+                m.reset()
+
+    def close(self) -> None:
+        del self.task, self.opt, self.batch
+        self.torch._dynamo.reset()
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+
+def _error(err: BaseException) -> str:
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _mem_available_mib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs``); False if not."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _step_memory(model: str, batch: int, device, channels_last: bool) -> dict:
+    """Two fp32 eager steps at ``batch``: the memory they need (MiB) or the OOM error."""
+    import torch
+
+    res: dict = {"batch": batch}
+    runner = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rss0 = _current_rss_mib()
+        runner = _Steps(model, batch, device, "fp32", False, channels_last)
+        reset = _reset_peak_rss()
+        for _ in range(2):  # the first allocates the optimizer state
+            runner.step()
+        runner.sync()
+        if device.type == "cuda":
+            res["peak_mib"] = round(torch.cuda.max_memory_allocated(device) / MIB, 1)
+        else:
+            peak = _peak_rss_mib() if reset else _current_rss_mib()
+            res["peak_mib"] = round(peak - rss0, 1)  # above the process before the task
+    except Exception as err:  # noqa: BLE001 - an OOM ends the search; anything else is reported
+        if not _is_oom(err):
+            raise
+        res["error"] = _error(err)
+    finally:
+        if runner is not None:
+            runner.close()
+        elif device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def largest_batch(model: str, start: int, cap: int, device, channels_last: bool = False,
+                  log=print) -> tuple[int, list[dict]]:
+    """Double the batch from ``start`` while it fits; returns it and the search trail.
+
+    GPU: until CUDA runs out of memory (then the last batch that fitted). CPU: while the
+    next doubling would stay within :data:`CPU_MEMORY_FRACTION` of the memory available
+    at the start (projected from the last step's peak, which grows about linearly).
+    Never beyond ``cap``.
+    """
+    budget = None if device.type == "cuda" else (_mem_available_mib() or 0) * CPU_MEMORY_FRACTION
+    best, trail, b = start, [], start
+    while b <= cap:
+        res = _step_memory(model, b, device, channels_last)
+        trail.append(res)
+        if "error" in res:
+            log(f"    batch {b}: does not fit ({res['error']})")
+            break
+        best = b
+        log(f"    batch {b}: fits, {res['peak_mib']:.0f} MiB")
+        if budget is not None and 2 * res["peak_mib"] > budget:
+            break
+        b *= 2
+    return best, trail
+
+
+def time_training(model: str, batch: int, device, precision: str, compile: bool,
+                  repeats: int, steps: int | None = None, warmup: int = TRAIN_WARMUP,
+                  channels_last: bool = False) -> dict:
+    """Training tiles/s of one configuration: median, min, max over ``repeats``."""
+    import torch
+
+    res = {"model": model, "batch": batch, "precision": precision,
+           "mode": "compile" if compile else "eager", "channels_last": channels_last}
+    runner = None
+    try:
+        runner = _Steps(model, batch, device, precision, compile, channels_last)
+        t0 = time.perf_counter()
+        for _ in range(max(1, warmup)):
+            loss = runner.step()
+        runner.sync()
+        res["warmup_s"] = round(time.perf_counter() - t0, 3)
+        if steps is None:  # calibrate: one more step, then ~REPEAT_SECONDS per repeat
+            t0 = time.perf_counter()
+            runner.step()
+            runner.sync()
+            steps = max(2, int(REPEAT_SECONDS / max(time.perf_counter() - t0, 1e-6)))
+        rates = []
+        for _ in range(repeats):
+            runner.reset_metrics()  # the task's epoch metrics would grow over the run
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = runner.step()
+            runner.sync()
+            rates.append(batch * steps / (time.perf_counter() - t0))
+        res.update({
+            "steps": steps, "repeats": repeats,
+            "tiles_per_s_median": round(statistics.median(rates), 1),
+            "tiles_per_s_min": round(min(rates), 1), "tiles_per_s_max": round(max(rates), 1),
+            "tiles_per_s": [round(r, 1) for r in rates],
+            "loss_finite": bool(np.isfinite(float(loss.detach()))),
+        })
+        if device.type == "cuda":
+            res["peak_mib"] = round(torch.cuda.max_memory_allocated(device) / MIB, 1)
+    except Exception as err:  # noqa: BLE001 - e.g. torch.compile without a compiler: record it
+        res["error"] = _error(err)
+    finally:
+        if runner is not None:
+            runner.close()
+    return res
+
+
+@register("train", _train_args)
+def bench_train(args: argparse.Namespace) -> dict:
+    """Training tiles/s per model, batch, precision and eager/compile (module docstring)."""
+    import torch
+
+    from rtcnn.inference import native_bf16
+
+    device = _device(args)
+    repeats = _repeats(args, "train")
+    if args.batch < 1 or (args.steps is not None and args.steps < 1):
+        raise RtcnnInputError(None, "--batch and --steps must be >= 1")
+    cap = args.max_batch or (GPU_MAX_BATCH if device.type == "cuda" else CPU_MAX_BATCH)
+    res = {"device": str(device), "torch_threads": torch.get_num_threads(),
+           "native_bf16": native_bf16(device),
+           "input": "synthetic tiles (rtcnn.bench.synthetic_tiles): sky noise "
+                    f"{SKY_NOISE} e-/s, {SYN_SOURCES} PSF sources, one transient; attn5 "
+                    "minmax-normalised, dense raw e-/s; one fixed batch (no data loading)",
+           "step": "task.training_step (forward, loss, metrics) + backward + optimizer step",
+           "largest_batch": {}, "runs": []}
+    modes = [False, True] if args.compile else [False]
+    for model in args.models:
+        batches = [args.batch]
+        if cap > args.batch:
+            print(f"  {model}: largest batch (x2 from {args.batch}, cap {cap}) ...", flush=True)
+            big, trail = largest_batch(model, args.batch, cap, device, args.channels_last)
+            res["largest_batch"][model] = {"batch": big, "cap": cap, "search": trail}
+            if big > args.batch:
+                batches.append(big)
+        for batch in batches:
+            for precision in args.precisions:
+                for compile in modes:
+                    r = time_training(model, batch, device, precision, compile, repeats,
+                                      args.steps, args.warmup, args.channels_last)
+                    res["runs"].append(r)
+                    name = f"  {model:5s} batch {batch:5d} {precision} {r['mode']:7s}"
+                    if "error" in r:
+                        print(f"{name}: failed: {r['error']}", flush=True)
+                    else:
+                        print(f"{name}: {r['tiles_per_s_median']:9.1f} tiles/s (min "
+                              f"{r['tiles_per_s_min']:.1f}, max {r['tiles_per_s_max']:.1f}; "
+                              f"{r['repeats']} x {r['steps']} steps; warm-up "
+                              f"{r['warmup_s']:.1f} s)", flush=True)
+    return res
+
+
+# --------------------------------------------------------------------------- infer
+INFER_METHODS = ("detector", "baseline", "attn5_scan")
+SCAN_BATCH = 512  # tiles per forward pass of the attn5 grid scan
+
+
+def _infer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("infer")
+    g.add_argument("--ckpt", default=None,
+                   help="detector checkpoint (default: a freshly initialised, untrained "
+                        "conf/model/dense.yaml detector; its network time is real)")
+    g.add_argument("--attn5-ckpt", default=None,
+                   help="attn5 checkpoint for the grid scan (default: freshly initialised)")
+    g.add_argument("--methods", nargs="+", choices=INFER_METHODS, default=list(INFER_METHODS))
+    g.add_argument("--scan-batch", type=int, default=SCAN_BATCH,
+                   help="tiles per forward pass of the attn5 grid scan")
+
+
+def _infer_child_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("method", choices=INFER_METHODS)
+    p.add_argument("ref")
+    p.add_argument("new")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS["infer"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--attn5-ckpt", default=None)
+    p.add_argument("--scan-batch", type=int, default=SCAN_BATCH)
+
+
+def scan_attn5(net, ref: np.ndarray, new: np.ndarray, batch_size: int = SCAN_BATCH,
+               device="cpu", bf16: bool = False) -> np.ndarray:
+    """Run attn5 on every 64 x 64 tile (stride 54) of a pair: one position per tile.
+
+    Tiles are gathered a batch at a time with one fancy index (no loop per tile),
+    minmax-normalised as the data layer does (:func:`rtcnn.data.normalize_tiles`; NaN
+    pixels end as 0), channel 0 the reference.
+
+    Returns
+    -------
+    (N, 2) float32
+        The predicted ``(x, y)`` in image px of each tile of :func:`rtcnn.tiles.tile_origins`.
+    """
+    import torch
+
+    from rtcnn.data import normalize_tiles
+    from rtcnn.tiles import TILE_SIZE, TILE_STRIDE, tile_origins
+
+    origins = tile_origins(ref.shape, TILE_SIZE, TILE_STRIDE)
+    d = np.arange(TILE_SIZE)
+    out = np.empty((len(origins), 2), np.float32)
+    buf = np.empty((batch_size, 2, TILE_SIZE, TILE_SIZE), np.float32)
+    device = torch.device(device)
+    for s in range(0, len(origins), batch_size):
+        o = origins[s:s + batch_size]
+        m = len(o)
+        rows = (o[:, 1, None] + d)[:, :, None]  # (m, 64, 1)
+        cols = (o[:, 0, None] + d)[:, None, :]  # (m, 1, 64)
+        for c, image in enumerate((ref, new)):
+            buf[:m, c] = image[rows, cols]
+        tiles = normalize_tiles(buf[:m], "minmax")
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            pred = net(torch.from_numpy(tiles).to(device)).float().cpu().numpy()
+        out[s:s + m] = pred * TILE_SIZE + o
+    return out
+
+
+def _fresh_detector_ckpt(path: Path) -> Path:
+    """Save an untrained ``conf/model/dense.yaml`` detector as an ``rtcnn.detect`` checkpoint."""
+    import torch
+
+    task = build_task("dense")
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    return path
+
+
+def _infer_child(args: argparse.Namespace) -> dict:
+    """One method, warm-up + ``repeats`` timed runs, in this (fresh) process."""
+    import contextlib
+
+    import torch
+
+    from rtcnn.inference import native_bf16, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    base = _current_rss_mib()
+    work = Path(args.workdir)
+    info: dict = {"method": args.method, "device": str(device),
+                  "torch_threads": torch.get_num_threads()}
+    if args.method == "detector":
+        from rtcnn import detect
+
+        ckpt = args.ckpt or _fresh_detector_ckpt(work / "untrained-dense.ckpt")
+        info["model"] = str(args.ckpt) if args.ckpt else "untrained (freshly initialised)"
+        out = work / "detector.ecsv"
+        argv = [args.ref, args.new, "--ckpt", str(ckpt), "-o", str(out), "--overwrite",
+                "--no-progress", "--device", str(device)]
+        if args.threads:
+            argv += ["--threads", str(args.threads)]
+
+        def run():
+            detect.main(argv)
+    elif args.method == "baseline":
+        from rtcnn import baseline
+
+        out = work / "baseline.ecsv"
+        argv = [args.ref, args.new, "-o", str(out), "--overwrite"]
+
+        def run():
+            baseline.main(argv)
+    else:
+        from rtcnn.io import read_pair
+        from rtcnn.tasks import LocalizationTask
+
+        if args.attn5_ckpt:
+            net = LocalizationTask.load_from_checkpoint(args.attn5_ckpt, map_location="cpu").net
+        else:
+            net = build_task("attn5").net
+        net = net.eval().to(device)
+        bf16 = native_bf16(device)
+        info.update(model=str(args.attn5_ckpt or "untrained (freshly initialised)"),
+                    precision="bf16" if bf16 else "fp32", batch=args.scan_batch)
+        out = work / "attn5_scan.npy"
+
+        def run():
+            ref, new = read_pair(args.ref, args.new)
+            xy = scan_attn5(net, ref.filled(float("nan")), new.filled(float("nan")),
+                            args.scan_batch, device, bf16)
+            np.save(out, xy)
+    times = []
+    for i in range(args.repeats + 1):  # run 0 warms up (imports, page cache, primitives)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if i:
+            times.append(dt)
+        else:
+            info["warmup_s"] = round(dt, 3)
+    info.update({
+        "repeats": args.repeats, "seconds_median": round(statistics.median(times), 3),
+        "seconds_min": round(min(times), 3), "seconds_max": round(max(times), 3),
+        "seconds": [round(t, 3) for t in times],
+        "peak_rss_mib": round(_peak_rss_mib(), 1), "after_import_rss_mib": round(base, 1),
+    })
+    if out.suffix == ".ecsv":
+        from astropy.table import Table
+
+        cat = Table.read(out)
+        info["rows"] = len(cat)
+        for key in ("n_candidates", "mode", "precision", "seconds"):
+            if key in cat.meta:
+                info[f"catalog_{key}"] = cat.meta[key]
+    else:
+        info["rows"] = int(np.load(out).shape[0])  # tiles scanned
+    return info
+
+
+@register("infer", _infer_args)
+def bench_infer(args: argparse.Namespace) -> dict:
+    """Pair -> catalog seconds and peak memory: detector, baseline, attn5 grid scan."""
+    from rtcnn.io import find_pairs
+
+    repeats = _repeats(args, "infer")
+    root, tmp = _pair_root(args, "epochs")
+    try:
+        pair = find_pairs(root)[0]
+        shape = _image_shape(pair.ref)
+        res = {"pair": str(pair.ref.parent), "image_shape": shape, "runs": {}}
+        print(f"pair {pair.ref.parent} ({shape[1]} x {shape[0]} px), {repeats} timed runs "
+              "after one warm-up, each method in a fresh process", flush=True)
+        with tempfile.TemporaryDirectory(prefix="rtcnn-infer-") as work:
+            for method in args.methods:
+                cmd = [sys.executable, "-m", "rtcnn.bench", "_infer", method, str(pair.ref),
+                       str(pair.new), "--workdir", work, "--repeats", str(repeats),
+                       "--device", args.device, "--scan-batch", str(args.scan_batch)]
+                for opt, value in (("--threads", args.threads), ("--ckpt", args.ckpt),
+                                   ("--attn5-ckpt", args.attn5_ckpt)):
+                    if value:
+                        cmd += [opt, str(value)]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    tail = proc.stderr.strip().splitlines()[-5:]
+                    res["runs"][method] = {"error": " | ".join(tail)}
+                    print(f"  {method}: failed: {res['runs'][method]['error']}", flush=True)
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                r["process_wall_s"] = round(wall, 2)
+                res["runs"][method] = r
+                print(f"  {method:10s}: {r['seconds_median']:7.2f} s median (min "
+                      f"{r['seconds_min']:.2f}, max {r['seconds_max']:.2f}), peak RSS "
+                      f"{r['peak_rss_mib']:.0f} MiB, {r['rows']} "
+                      f"{'tiles' if method == 'attn5_scan' else 'rows'}; "
+                      f"{r.get('model', 'classical')}", flush=True)
+        det, base = res["runs"].get("detector", {}), res["runs"].get("baseline", {})
+        if "seconds_median" in det and "seconds_median" in base:
+            res["targets"] = {"detector_s<=baseline_s":
+                              det["seconds_median"] <= base["seconds_median"]}
+            print(f"  detector / baseline time: "
+                  f"{det['seconds_median'] / base['seconds_median']:.2f}")
+        return res
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _image_shape(path: Path) -> list[int]:
+    from rtcnn.io import read_image
+
+    return [int(v) for v in read_image(path).shape]
+
+
 # --------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rtcnn.bench", description=__doc__,
@@ -275,11 +897,13 @@ def build_parser() -> argparse.ArgumentParser:
                            else "run every benchmark")
         p.add_argument("--out", default="outputs/bench",
                        help="folder for the JSON results (default: outputs/bench)")
+        _common_args(p)
         for add in (ARGUMENTS.values() if name == "all" else [ARGUMENTS[name]]):
             add(p)
     stream = sub.add_parser("_stream", help=argparse.SUPPRESS)
     stream.add_argument("root")
     stream.add_argument("--batch-size", type=int, default=BENCH_BATCH)
+    _infer_child_args(sub.add_parser("_infer", help=argparse.SUPPRESS))
     return parser
 
 
@@ -289,13 +913,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.bench == "_stream":
         print(json.dumps(_stream_all(args.root, args.batch_size)))
         return {}
+    if args.bench == "_infer":
+        print(json.dumps(_infer_child(args)))
+        return {}
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise RtcnnInputError(None, f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     info = machine()
+    info["torch_threads"] = torch.get_num_threads()
     info["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, "
-          f"GPU {info['gpu'] or 'none'}; python {info['python']}, torch {info['torch']}; "
-          f"load average {info['load_average_start'][0]:.1f}")
+          f"GPU {info['gpu'] or 'none'}; python {info['python']}, torch {info['torch']} "
+          f"({info['torch_threads']} threads); load average "
+          f"{info['load_average_start'][0]:.1f}")
     names = list(BENCHES) if args.bench == "all" else [args.bench]
-    results = {"machine": info}
+    results = {"machine": info, "argv": sys.argv[1:] if argv is None else list(argv)}
     for name in names:
         print(f"== {name}")
         results[name] = BENCHES[name](args)
