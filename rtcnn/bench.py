@@ -599,19 +599,21 @@ def time_training(model: str, batch: int, device, precision: str, compile: bool,
             runner.step()
             runner.sync()
             steps = max(2, int(REPEAT_SECONDS / max(time.perf_counter() - t0, 1e-6)))
-        rates = []
+        rates, cpu = [], []
         for _ in range(repeats):
             runner.reset_metrics()  # the task's epoch metrics would grow over the run
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(steps):
                 loss = runner.step()
             runner.sync()
             rates.append(batch * steps / (time.perf_counter() - t0))
+            cpu.append((time.process_time() - c0) / (batch * steps))
         res.update({
             "steps": steps, "repeats": repeats,
             "tiles_per_s_median": round(statistics.median(rates), 1),
             "tiles_per_s_min": round(min(rates), 1), "tiles_per_s_max": round(max(rates), 1),
             "tiles_per_s": [round(r, 1) for r in rates],
+            "cpu_ms_per_tile": round(statistics.median(cpu) * 1e3, 3),
             "loss_finite": bool(np.isfinite(float(loss.detach()))),
         })
         if device.type == "cuda":
@@ -665,7 +667,8 @@ def bench_train(args: argparse.Namespace) -> dict:
                         print(f"{name}: {r['tiles_per_s_median']:9.1f} tiles/s (min "
                               f"{r['tiles_per_s_min']:.1f}, max {r['tiles_per_s_max']:.1f}; "
                               f"{r['repeats']} x {r['steps']} steps; warm-up "
-                              f"{r['warmup_s']:.1f} s)", flush=True)
+                              f"{r['warmup_s']:.1f} s; {r['cpu_ms_per_tile']:.2f} ms CPU/tile)",
+                              flush=True)
     return res
 
 
@@ -937,7 +940,8 @@ def main(argv: list[str] | None = None) -> dict:
     info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     if max(info["load_average_start"][0], info["load_average_end"][0]) > info["cores"]:
         print(f"note: the load average exceeded the {info['cores']} cores: other processes "
-              "shared the CPUs, so wall-clock rates are low; CPU time per tile is not affected")
+              "shared the CPUs, so wall-clock rates are low (with more than one torch thread "
+              "much lower: OpenMP threads spin while they wait for a core)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench-{args.bench}.json"

@@ -14,7 +14,8 @@ from rtcnn import bench
 from rtcnn.tiles import TILE_SIZE, TILE_STRIDE, n_tiles, tile_origins
 
 TRAIN_KEYS = {"model", "batch", "precision", "mode", "steps", "repeats", "warmup_s",
-              "tiles_per_s_median", "tiles_per_s_min", "tiles_per_s_max", "tiles_per_s"}
+              "tiles_per_s_median", "tiles_per_s_min", "tiles_per_s_max", "tiles_per_s",
+              "cpu_ms_per_tile"}
 INFER_KEYS = {"method", "seconds_median", "seconds_min", "seconds_max", "seconds", "warmup_s",
               "peak_rss_mib", "after_import_rss_mib", "rows", "torch_threads", "process_wall_s"}
 
