@@ -344,6 +344,7 @@ REPEAT_SECONDS = 2.0  # without --steps, each timed repeat runs about this long
 SKY_NOISE = 0.1  # e-/s per pixel: noise of the synthetic sky-subtracted tiles
 PSF_SIGMA = 0.59  # px, Gaussian sigma of the synthetic sources (Roman H158 FWHM 1.39 px)
 SYN_SOURCES = 4  # constant sources per synthetic tile (both epochs)
+SYN_UNIQUE = 4096  # distinct synthetic tiles at most; a larger batch repeats them
 TILE = 64  # px, tile side (rtcnn.tiles.TILE_SIZE)
 
 
@@ -408,22 +409,26 @@ def synthetic_batch(model: str, n: int, seed: int = 0) -> dict:
     """A training batch of the data contract (:mod:`rtcnn.data`) from :func:`synthetic_tiles`.
 
     ``attn5``: minmax-normalised tiles (the data layer's default for it); ``dense``: raw
-    e-/s tiles (``experiment=dense`` uses ``normalization: none``).
+    e-/s tiles (``experiment=dense`` uses ``normalization: none``). At most
+    :data:`SYN_UNIQUE` distinct tiles, repeated to fill a larger batch.
     """
     import torch
 
     from rtcnn.data import normalize_tiles
 
     rng = np.random.default_rng(seed)
-    images, xy, peak = synthetic_tiles(n, rng)
+    images, xy, peak = synthetic_tiles(min(n, SYN_UNIQUE), rng)
+    if n > SYN_UNIQUE:  # the same compute per tile; saves minutes at GPU batch sizes
+        reps = -(-n // SYN_UNIQUE)
+        images, xy, peak = (np.concatenate([a] * reps)[:n] for a in (images, xy, peak))
     if model == "attn5":
         normalize_tiles(images, "minmax")
     flux = peak * 2 * np.pi * PSF_SIGMA**2  # e-/s
     batch = {
         "image": images, "target": xy / np.float32(TILE), "xy": xy[:, None],
-        "valid": np.ones((n, 1), bool), "dflux": flux[:, None],
-        "dmag": rng.uniform(0.2, 3.0, (n, 1)).astype(np.float32),
-        "reversed": np.zeros(n, bool),
+        "valid": np.ones((len(xy), 1), bool), "dflux": flux[:, None],
+        "dmag": rng.uniform(0.2, 3.0, (len(xy), 1)).astype(np.float32),
+        "reversed": np.zeros(len(xy), bool),
         "snr": (peak / SKY_NOISE).astype(np.float32),
     }
     return {k: torch.from_numpy(v) for k, v in batch.items()}
