@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help env demo test test-full train bench format clean
+.PHONY: help env demo test test-full test-gpu train bench format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ test: env  ## run the fast test suite on CPU
 
 test-full: env  ## run every test, slow ones included
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+test-gpu: env  ## run the GPU tests (trainer=gpu, CUDA vs CPU outputs; skipped without CUDA)
+	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 train: env  ## train with the default config (pass ARGS="model=attn5 trainer=gpu ...")
 	$(PY) -m rtcnn.train $(ARGS)
