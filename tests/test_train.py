@@ -176,6 +176,7 @@ def test_dense_experiment_is_the_reported_recipe(tmp_path):
     assert (cfg.data.pairs, cfg.data.size, cfg.data.sim_seed, cfg.data.mode) == (12, 4088, 2,
                                                                                 "epochs")
     assert cfg.callbacks.get("report_figures") is None
+    assert list(cfg.data.kinds) == ["transient"]  # variable stars are negatives
     assert cfg.callbacks.model_checkpoint.monitor == "val/f1"
 
 
