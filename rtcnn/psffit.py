@@ -117,6 +117,29 @@ def snr_map(diff: np.ndarray, var: np.ndarray, fwhm: float) -> np.ndarray:
     return snr
 
 
+def noise_peak_counts(fwhm: float, levels, shape: tuple[int, int] = (4088, 4088),
+                      seed: int = 0, min_distance: int = 2) -> dict[str, float]:
+    """Peaks of ``|S/N|`` that pure white noise gives in :func:`snr_map`, per image.
+
+    The false-positive floor of any detector of point sources in a difference image with
+    white noise: a noise peak above ``X`` looks like a point source of S/N ``X``. A
+    ``shape`` field of unit Gaussian noise (seeded) is matched-filtered with the PSF of
+    ``fwhm`` px and the local maxima of ``|S/N|`` in ``(2 min_distance + 1)^2`` boxes
+    (brightening and fading) are counted above each level.
+
+    Returns
+    -------
+    dict
+        ``"<X>"`` -> number of peaks with ``|S/N| >= X`` in the field.
+    """
+    if len(shape) != 2 or min(shape) < 2 * min_distance + 1:
+        raise ValueError(f"shape must be 2 sides >= {2 * min_distance + 1} px, got {shape}")
+    noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    a = np.abs(snr_map(noise, np.ones(shape, np.float32), fwhm))
+    peaks = a[a == ndimage.maximum_filter(a, size=2 * min_distance + 1, mode="nearest")]
+    return {f"{x:g}": float(np.count_nonzero(peaks >= x)) for x in levels}
+
+
 def stamps(arr: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int, fill: float) -> np.ndarray:
     """``(N, 2 half + 1, 2 half + 1)`` float64 stamps centred on pixels ``(ix, iy)``."""
     off = np.arange(-half, half + 1)

@@ -65,6 +65,8 @@ FP_BUDGET = 10.0  # false positives per full SCA at the alert operating point
 SCA_SIDE = 4088  # px, side of a Roman SCA
 SCA_AREA = SCA_SIDE * SCA_SIDE  # px^2
 SNR_MIN = 5.0  # truth S/N above which "completeness at S/N >= 5" counts a transient
+ORACLE_SNR = (4.0, 4.5, 5.0, 5.5, 6.0)  # true S/N cuts of the noise-limit oracle rows
+NOISE_PEAK_FIELDS = 4  # 4088^2 white-noise fields averaged by --noise-peaks
 MAG_BIN = 0.5  # mag, width of the completeness bins
 WITHIN_PX = 0.5  # px, "within 1/2 px" localisation fraction
 SWEEP_POINTS = 200  # most thresholds tried in the sweep (quantiles of the scores)
@@ -464,6 +466,28 @@ def evaluate(
     }  # fmt: skip
 
 
+def oracle_m50(pairs: list[PairScore], snr_levels=ORACLE_SNR) -> dict[str, float]:
+    """m50 of an oracle that reports exactly the transients with true ``|S/N| >= X``.
+
+    The reference for "how close to the noise limit is a method": no detector can tell a
+    transient of true S/N X from a noise peak of the same height, so at a false-positive
+    budget that forces a cut near S/N X its m50 cannot beat the oracle's at X. Needs the
+    truth's ``snr`` column (the simulator's difference-image PSF S/N).
+
+    Returns
+    -------
+    dict
+        ``"<X>"`` -> m50 (mag; NaN when the truth has no S/N or too few transients).
+    """
+    mag = np.concatenate([p.truth["mag"][p.truth["transient"]] for p in pairs])
+    snr = np.abs(np.concatenate([p.truth["snr"][p.truth["transient"]] for p in pairs]))
+    out = {}
+    for level in snr_levels:
+        out[f"{level:g}"] = (fit_m50(mag, snr >= level)["m50"] if np.isfinite(snr).any()
+                             else math.nan)  # fmt: skip
+    return out
+
+
 def sweep(
     pairs: list[PairScore],
     radius: float = MATCH_RADIUS,
@@ -689,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truth dmag: paper eq. 1-2 photometry on the pair's images (the "
                    "data layer's definition; needs ref.fits/new.fits beside the truth) or "
                    "|mag_ref - mag_new| from the truth table (default photometry)")
+    p.add_argument("--noise-peaks", action="store_true",
+                   help="also count the |S/N| peaks that pure white noise gives per 4088x4088 "
+                   "SCA at the oracle's S/N levels (the false-positive floor; ~8 s)")
+    p.add_argument("--fwhm", type=float, default=None,
+                   help="PSF FWHM in px for --noise-peaks (default: Roman H158)")
     p.add_argument("--plot", default=None, help="completeness-vs-magnitude PNG")
     p.add_argument("--json", default=None, help="write all numbers as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing --plot/--json")
@@ -733,9 +762,22 @@ def run(args) -> dict:
             if t is None else sweep([_cut(p, t) for p in ps], args.radius, args.budget,
                                     snr_min=args.snr_min),
         }  # fmt: skip
+    oracle = oracle_m50(next(iter(pairs.values())))
     out = {"radius_px": args.radius, "budget_fp_per_sca": args.budget, "snr_min": args.snr_min,
-           "sca_area_px": SCA_AREA, "methods": results}  # fmt: skip
+           "sca_area_px": SCA_AREA, "methods": results, "oracle_m50": oracle}  # fmt: skip
     print(format_table(results))
+    if any(np.isfinite(v) for v in oracle.values()):
+        print("noise-limit oracle (reports exactly the transients with true S/N >= X): m50 "
+              + ", ".join(f"{k}: {v:.2f}" for k, v in oracle.items()))
+    if args.noise_peaks:
+        from rtcnn.psffit import band_fwhm, noise_peak_counts
+
+        fwhm = band_fwhm(None) if args.fwhm is None else args.fwhm
+        runs = [noise_peak_counts(fwhm, ORACLE_SNR, seed=s) for s in range(NOISE_PEAK_FIELDS)]
+        out["noise_peaks_per_sca"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+        print(f"pure-noise |S/N| peaks per SCA (FWHM {fwhm:g} px, mean of "
+              f"{NOISE_PEAK_FIELDS} fields): "
+              + ", ".join(f">= {k}: {v:g}" for k, v in out["noise_peaks_per_sca"].items()))
     if args.plot:
         from rtcnn.plots import FIG_DPI, fig_completeness
 

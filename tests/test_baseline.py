@@ -181,3 +181,17 @@ def test_scored_against_its_truth(pair, tmp_path):
     assert r["completeness"] == 1.0 and r["n_false"] == 0 and r["sign_accuracy"] == 1.0
     assert r["n_dmag"] == 1 and r["dmag_median_abs_err"] < 0.05
     assert r["loc_median_px"] < 0.1
+
+
+def test_noise_peak_counts_follow_gaussian_tails():
+    """White noise through the PSF matched filter: the peak counts fall steeply with the
+    level (~exp(-X^2/2)), none at 7 sigma in 512^2 px, and the field size is checked."""
+    from rtcnn.psffit import noise_peak_counts
+
+    counts = noise_peak_counts(1.393, (2.0, 3.0, 4.0, 7.0), shape=(512, 512), seed=3)
+    c2, c3, c4, c7 = (counts[k] for k in ("2", "3", "4", "7"))
+    assert c2 > c3 > c4 and c7 == 0
+    # ratio of X exp(-X^2/2) between 3 and 2 sigma (peak density of a 2-D Gaussian field)
+    assert_allclose(c3 / c2, 3 * np.exp(-4.5) / (2 * np.exp(-2.0)), rtol=0.25)
+    with pytest.raises(ValueError, match="shape must be 2 sides"):
+        noise_peak_counts(1.393, (5.0,), shape=(3, 100))

@@ -17,6 +17,7 @@ from rtcnn.score import (
     fit_m50,
     m50_binned,
     match,
+    oracle_m50,
     pair_score,
     sweep,
 )
@@ -75,6 +76,28 @@ def test_exact_numbers():
     # the same pair twice: the same fractions, twice the area
     r2 = evaluate([p, p])
     assert r2["fp_per_sca"] == 8.0 and r2["completeness"] == 0.75 and r2["area_px"] == 2 * SIDE**2
+
+
+def test_oracle_m50_is_the_magnitude_where_the_true_snr_crosses_the_cut():
+    """S/N = 5 at mag 25, x2.512 per magnitude: the S/N >= X oracle's m50 sits where the
+    S/N crosses X (a step in completeness); variables and a missing S/N column are ignored."""
+    n = 400
+    mag = np.linspace(22.0, 28.0, n)
+    t = Table()
+    t["x"], t["y"] = np.linspace(10, 2000, n), np.full(n, 100.0)
+    t["mag_ref"] = MaskedColumn(np.zeros(n), mask=np.ones(n, bool))  # absent: transients
+    t["mag_new"] = mag
+    t["kind"] = ["transient"] * (n - 1) + ["variable"]
+    t["snr"] = 5.0 * 10 ** (-0.4 * (mag - 25.0))
+    empty = Table({"x": [0.0], "y": [0.0], "score": [0.1], "dmag": [np.nan],
+                   "brightened": [True]}, meta={"image_shape": [SIDE, SIDE]})  # fmt: skip
+    p = pair_score("p", empty, t, SIDE * SIDE)
+    got = oracle_m50([p], (4.0, 5.0, 6.0))
+    for level, value in got.items():
+        expect = 25.0 - 2.5 * math.log10(float(level) / 5.0)
+        assert abs(value - expect) < 0.03, level
+    t.remove_column("snr")
+    assert all(np.isnan(v) for v in oracle_m50([pair_score("p", empty, t, SIDE**2)]).values())
 
 
 def test_hungarian_beats_greedy():
