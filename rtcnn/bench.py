@@ -711,8 +711,8 @@ def scan_attn5(net, ref: np.ndarray, new: np.ndarray, batch_size: int = SCAN_BAT
                device="cpu", bf16: bool = False) -> np.ndarray:
     """Run attn5 on every 64 x 64 tile (stride 54) of a pair: one position per tile.
 
-    Tiles are gathered a batch at a time with one fancy index (no loop per tile),
-    minmax-normalised as the data layer does (:func:`rtcnn.data.normalize_tiles`; NaN
+    Tiles are gathered a batch at a time (:func:`rtcnn.inference.extract_stamps`, no loop
+    per tile), minmax-normalised as the data layer does (:func:`rtcnn.data.normalize_tiles`; NaN
     pixels end as 0), channel 0 the reference.
 
     Returns
@@ -723,21 +723,16 @@ def scan_attn5(net, ref: np.ndarray, new: np.ndarray, batch_size: int = SCAN_BAT
     import torch
 
     from rtcnn.data import normalize_tiles
+    from rtcnn.inference import extract_stamps
     from rtcnn.tiles import TILE_SIZE, TILE_STRIDE, tile_origins
 
     origins = tile_origins(ref.shape, TILE_SIZE, TILE_STRIDE)
-    d = np.arange(TILE_SIZE)
     out = np.empty((len(origins), 2), np.float32)
-    buf = np.empty((batch_size, 2, TILE_SIZE, TILE_SIZE), np.float32)
     device = torch.device(device)
     for s in range(0, len(origins), batch_size):
         o = origins[s:s + batch_size]
         m = len(o)
-        rows = (o[:, 1, None] + d)[:, :, None]  # (m, 64, 1)
-        cols = (o[:, 0, None] + d)[:, None, :]  # (m, 1, 64)
-        for c, image in enumerate((ref, new)):
-            buf[:m, c] = image[rows, cols]
-        tiles = normalize_tiles(buf[:m], "minmax")
+        tiles = normalize_tiles(extract_stamps(ref, new, o, TILE_SIZE), "minmax")
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             pred = net(torch.from_numpy(tiles).to(device)).float().cpu().numpy()
         out[s:s + m] = pred * TILE_SIZE + o
