@@ -50,7 +50,7 @@ from rtcnn.models.detector import (
     fuse_batchnorm,
 )
 from rtcnn.postprocess import Sources, TileStitcher, nms
-from rtcnn.psffit import band_fwhm, fit_psf, psf_sigma
+from rtcnn.psffit import band_fwhm, fit_psf, psf_sigma, stamp_index
 from rtcnn.tiles import tile_origins
 
 CANDIDATE_SIGMA = 1.0  # px, sigma of the Gaussian matched filter of the candidate pass
@@ -622,16 +622,10 @@ def _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg,
     ix = np.clip(np.round(x).astype(np.int64), 0, nx - 1)
     iy = np.clip(np.round(y).astype(np.int64), 0, ny - 1)
     # the fit reads the pixels around each detection: lay those stamps side by side in
-    # a strip (zero data, zero weight beyond the image edge) instead of handing it the
-    # whole image, which it would pad and copy
+    # a strip (zero data, zero weight beyond the image edge), with the noise model's
+    # variance computed on the stamps only
     w = 2 * half + 1
-    off = np.arange(-half, half + 1)
-    rows = (iy[:, None, None] + off[None, :, None]).clip(0, ny - 1)
-    cols = (ix[:, None, None] + off[None, None, :]).clip(0, nx - 1)
-    inside = ((iy[:, None, None] + off[None, :, None] >= 0)
-              & (iy[:, None, None] + off[None, :, None] < ny)
-              & (ix[:, None, None] + off[None, None, :] >= 0)
-              & (ix[:, None, None] + off[None, None, :] < nx))  # fmt: skip
+    rows, cols, inside = stamp_index(diff.shape, ix, iy, half)
     var = np.ones((n, w, w))
     if ref is not None and new is not None and sigma_bkg is not None:
         r, s = ref[rows, cols].astype(np.float64), new[rows, cols].astype(np.float64)

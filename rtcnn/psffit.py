@@ -140,14 +140,31 @@ def noise_peak_counts(fwhm: float, levels, shape: tuple[int, int] = (4088, 4088)
     return {f"{x:g}": float(np.count_nonzero(peaks >= x)) for x in levels}
 
 
-def stamps(arr: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int, fill: float) -> np.ndarray:
-    """``(N, 2 half + 1, 2 half + 1)`` float64 stamps centred on pixels ``(ix, iy)``."""
+def stamp_index(shape: tuple[int, int], ix: np.ndarray, iy: np.ndarray,
+                half: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the ``(2 half + 1)^2`` stamps centred on pixels ``(ix, iy)`` of an image.
+
+    Returns
+    -------
+    rows, cols : (N, S, 1) and (N, 1, S) int64
+        Row and column indices, clipped to the image (``image[rows, cols]`` is ``(N, S, S)``).
+    inside : (N, S, S) bool
+        Where the stamp pixel lies on the image (elsewhere the clipped index repeats an
+        edge pixel).
+    """
+    ny, nx = shape
     off = np.arange(-half, half + 1)
-    padded = np.pad(np.asarray(arr, dtype=np.float64), half, mode="constant",
-                    constant_values=fill)  # fmt: skip
-    rows = (np.asarray(iy)[:, None] + off[None, :] + half)[:, :, None]
-    cols = (np.asarray(ix)[:, None] + off[None, :] + half)[:, None, :]
-    return padded[rows, cols]
+    r = np.asarray(iy, dtype=np.int64)[:, None] + off[None, :]
+    c = np.asarray(ix, dtype=np.int64)[:, None] + off[None, :]
+    inside = (((r >= 0) & (r < ny))[:, :, None] & ((c >= 0) & (c < nx))[:, None, :])
+    return r.clip(0, ny - 1)[:, :, None], c.clip(0, nx - 1)[:, None, :], inside
+
+
+def stamps(arr: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int, fill: float) -> np.ndarray:
+    """``(N, 2 half + 1, 2 half + 1)`` float64 stamps centred on pixels ``(ix, iy)``;
+    ``fill`` beyond the image edge (no padded copy of the image)."""
+    rows, cols, inside = stamp_index(arr.shape, ix, iy, half)
+    return np.where(inside, np.asarray(arr[rows, cols], dtype=np.float64), fill)
 
 
 def shape_moments(
