@@ -34,6 +34,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 from photutils.aperture import ApertureStats, CircularAperture
 
 from rtcnn.errors import RtcnnInputError
+from rtcnn.psffit import stamp_index
 
 log = logging.getLogger(__name__)
 
@@ -260,25 +261,19 @@ def annulus_background(
         raise ValueError(f"need 0 < r_in < r_out (px), got r_in={r_in}, r_out={r_out}")
     pos = _xy_array(xy)
     n = len(pos)
-    ny, nx = data.shape
     half = int(math.ceil(r_out)) + 1
     off = np.arange(-half, half + 1)
     cx = np.floor(pos[:, 0] + 0.5).astype(np.int64)  # nearest pixel (integer = centre)
     cy = np.floor(pos[:, 1] + 0.5).astype(np.int64)
-    cols = cx[:, None] + off[None, :]  # (N, B)
-    rows = cy[:, None] + off[None, :]
-    dx = cols - pos[:, :1]
-    dy = rows - pos[:, 1:]
+    rows, cols, on_image = stamp_index(data.shape, cx, cy, half)  # (N, B, B) stamps
+    dx = cx[:, None] + off[None, :] - pos[:, :1]  # (N, B) px
+    dy = cy[:, None] + off[None, :] - pos[:, 1:]
     r2 = dy[:, :, None] ** 2 + dx[:, None, :] ** 2  # (N, B, B) px^2
     ring = (r2 >= r_in**2) & (r2 < r_out**2)
-    on_image = (((rows >= 0) & (rows < ny))[:, :, None]
-                & ((cols >= 0) & (cols < nx))[:, None, :])  # fmt: skip
-    rr = np.broadcast_to(rows.clip(0, ny - 1)[:, :, None], r2.shape)
-    cc = np.broadcast_to(cols.clip(0, nx - 1)[:, None, :], r2.shape)
-    values = np.asarray(data[rr, cc], dtype=np.float64)
+    values = np.asarray(data[rows, cols], dtype=np.float64)
     usable = ring & on_image & np.isfinite(values)
     if mask is not None:
-        usable &= ~np.asarray(mask, dtype=bool)[rr, cc]
+        usable &= ~np.asarray(mask, dtype=bool)[rows, cols]
     values = np.where(usable, values, np.nan).reshape(n, -1)
     with warnings.catch_warnings():  # all-NaN rows: NaN statistics, no warning
         warnings.simplefilter("ignore", RuntimeWarning)
