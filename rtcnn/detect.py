@@ -114,9 +114,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     net = load_detector(args.ckpt, device)
     threshold = args.threshold
     if threshold is None:
-        saved = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-        threshold = float((saved.get("hyper_parameters") or {}).get("threshold",
-                                                                    DEFAULT_THRESHOLD))
+        threshold = DEFAULT_THRESHOLD if net.saved_threshold is None else net.saved_threshold
     bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16(device))
     meta = {"model": os.fspath(args.ckpt), "model_name": "dense", "device": str(device),
             "precision": "bf16" if bf16 else "fp32"}  # fmt: skip

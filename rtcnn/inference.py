@@ -102,7 +102,9 @@ def load_detector(ckpt: str | os.PathLike, device: str | torch.device = "cpu") -
     the network is rebuilt from ``hyper_parameters["net"]`` (``{"_target_": ...,
     **config}``), given the ``net.*`` weights, its batch norms folded into the
     convolutions (:func:`rtcnn.models.detector.fuse_batchnorm`), in eval mode and
-    channels-last memory layout on ``device``.
+    channels-last memory layout on ``device``. Its ``saved_threshold`` attribute is the
+    task's score threshold from the same checkpoint (``hyper_parameters["threshold"]``,
+    None if absent), so the file is read once.
 
     Raises
     ------
@@ -132,6 +134,8 @@ def load_detector(ckpt: str | os.PathLike, device: str | torch.device = "cpu") -
     except RuntimeError as err:
         raise RtcnnInputError(path, f"weights do not fit {target} ({str(err)[:200]})") from None
     fuse_batchnorm(net)
+    saved = state["hyper_parameters"].get("threshold")
+    net.saved_threshold = None if saved is None else float(saved)
     return net.eval().to(device, memory_format=torch.channels_last)
 
 

@@ -81,6 +81,7 @@ def test_load_detector_restores_the_weights(ckpt):
         want, got = plain.eval()(x), net(x)  # net: batch norms folded into the convolutions
     for key in want:
         assert_allclose(got[key].numpy(), want[key].numpy(), atol=1e-4)
+    assert net.saved_threshold == state["hyper_parameters"]["threshold"]
 
 
 def test_detect_writes_a_catalog_and_refuses_to_overwrite(pairs, ckpt, tmp_path, capsys):
