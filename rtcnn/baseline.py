@@ -40,7 +40,7 @@ Method (the textbook matched-filter search on a difference image)
 
 Defaults and how they were tuned
 --------------------------------
-``--fwhm`` defaults to the Roman PSF FWHM of the header's ``BAND`` (:data:`ROMAN_FWHM_PX`,
+``--fwhm`` defaults to the Roman PSF FWHM of the header's ``BAND`` (:func:`rtcnn.roman.band_fwhm`,
 H158: 1.39 px); ``--threshold`` to :data:`BASELINE_THRESHOLD` = 5 sigma, the
 conventional alert threshold. The FWHM (1.39, 1.6, 1.8 px), ``RESIDUAL_FRACTION``
 (0, 0.01, 0.02, 0.05) and the shape cuts (``SIZE_MIN`` 0-0.65 px^2, ``ELLIP_MAX``
@@ -261,7 +261,7 @@ def run_baseline(
     threshold : float
         Minimum PSF S/N (sigma) of a reported change.
     fwhm : float, optional
-        PSF FWHM in px; default from the header ``BAND`` (:data:`ROMAN_FWHM_PX`).
+        PSF FWHM in px; default from the header ``BAND`` (:func:`rtcnn.roman.band_fwhm`).
     residual_fraction : float
         See :data:`RESIDUAL_FRACTION`.
     cuts : ShapeCuts, optional

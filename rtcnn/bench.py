@@ -61,8 +61,8 @@ from pathlib import Path
 import numpy as np
 
 from rtcnn.errors import RtcnnInputError, cli_main
+from rtcnn.roman import SCA_NPIX
 
-SCA_SIZE = 4088  # px, side of a Roman SCA
 BENCH_BATCH = 256  # tiles per batch for the data benchmark
 MIB = 2**20  # bytes
 REPO = Path(__file__).resolve().parents[1]  # the checkout: conf/ and `python -m rtcnn` work here
@@ -159,7 +159,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common")
     g.add_argument("--repeats", type=int, default=None,
                    help="timed repeats (default: data 5 epochs, train 5, infer 3 runs)")
-    g.add_argument("--size", type=int, default=SCA_SIZE,
+    g.add_argument("--size", type=int, default=SCA_NPIX,
                    help="side (px) of the simulated pair (default: a full SCA, 4088)")
     g.add_argument("--data", default=None,
                    help="folder of pairs to use (default: simulate one pair in a temp "

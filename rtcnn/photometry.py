@@ -33,6 +33,7 @@ from astropy.table import Table
 from astropy.utils.exceptions import AstropyUserWarning
 from photutils.aperture import ApertureStats, CircularAperture
 
+from rtcnn import roman
 from rtcnn.errors import RtcnnInputError
 from rtcnn.psffit import stamp_index
 
@@ -47,6 +48,8 @@ ZP_SIGMA = 3.0  # sigma of the clipping of per-star zero points / aperture corre
 ZP_MIN_SNR = 20.0  # minimum aperture S/N of a star used for the zero point
 ZP_MIN_STARS = 5  # fewest stars accepted for a zero point
 ZP_ERROR_FLOOR = 0.01  # mag, added in quadrature to each star's error when weighting
+PSF_BOX_CARD = "PSFBOX"  # header card: side (px) of the box the PSF has unit flux in
+LEGACY_SIM_PSF_BOX = 64  # px, that box in rtcnn.sim images written before PSFBOX existed
 LIMIT_NSIGMA = 3.0  # an aperture flux below this many sigma is reported as a limit
 _MAG_PER_LN = 2.5 / math.log(10.0)  # mag, d(mag) = _MAG_PER_LN * d(flux)/flux
 
@@ -358,50 +361,70 @@ def image_aperture_correction(
     """Aperture correction to total flux for an :class:`rtcnn.io.Image` of a Roman band.
 
     :func:`roman_aperture_correction` at the header's SCA and PSF position (``SCA``,
-    ``PSFSCAX``/``PSFSCAY``) when present; images from ``rtcnn.sim`` (``SIMMODE`` in the
-    header) normalise their PSF inside a 64 px box, so the correction is to that box. The
-    catalog side of eq. 1-2 is a total magnitude, so the aperture side must be too. A band
-    that is not Roman's gives 1.0 (no correction), logged.
+    ``PSFSCAX``/``PSFSCAY``) when present. The catalog side of eq. 1-2 is a total
+    magnitude, so the aperture side must be too. "Total" is all the light, unless the
+    header card :data:`PSF_BOX_CARD` (``PSFBOX``, written by ``rtcnn.sim`` only) says the
+    image's PSF has unit flux inside a square box of that side: then the correction is to
+    that box. Images written by ``rtcnn.sim`` before that card existed are recognised by
+    ``ORIGIN = 'rtcnn.sim'`` (:data:`LEGACY_SIM_PSF_BOX`). Pairs written by
+    :mod:`rtcnn.io.openuniverse` / :mod:`rtcnn.io.asdf` carry neither and get the
+    all-light correction. A band that is not Roman's (or none) gives 1.0, logged.
     """
     h = image.header
     pos = (float(h["PSFSCAX"]), float(h["PSFSCAY"])) if "PSFSCAX" in h and "PSFSCAY" in h else None
-    try:
-        return roman_aperture_correction(image.band or "", int(h.get("SCA", 7)), pos, r_ap, r_in,
-                                         r_out, box=64 if "SIMMODE" in h else None)  # fmt: skip
-    except (KeyError, ValueError) as err:
-        log.info("%s: no aperture correction for band %r (%s)", image.path, image.band, err)
+    box = psf_box(h)
+    if not image.band:
+        log.warning("%s: no band in the header; no aperture correction", image.path)
         return 1.0
+    try:
+        band = roman.canonical_band(image.band, image.path)
+    except RtcnnInputError as err:
+        log.warning("no aperture correction: %s", err)
+        return 1.0
+    return roman_aperture_correction(band, int(h.get("SCA", 7)), pos, r_ap, r_in, r_out, box)
+
+
+def psf_box(header) -> int | None:
+    """Side (px) of the square box in which an image's PSF has unit flux, or ``None``
+    for a PSF whose total is all the light (see :func:`image_aperture_correction`)."""
+    if PSF_BOX_CARD in header:
+        return int(header[PSF_BOX_CARD])
+    if header.get("ORIGIN") == "rtcnn.sim":
+        return LEGACY_SIM_PSF_BOX
+    return None
 
 
 @functools.lru_cache(maxsize=32)
 def roman_aperture_correction(
-    band: str = "H158",
+    band: str = roman.DEFAULT_BAND,
     sca: int = 7,
     sca_pos: tuple[float, float] | None = None,
     r_ap: float = DEFAULT_R_AP,
     r_in: float = DEFAULT_R_IN,
     r_out: float = DEFAULT_R_OUT,
     box: int | None = None,
-    pupil_bin: int = 8,
+    pupil_bin: int = roman.PUPIL_BIN,
 ) -> ApertureCorrection:
-    """Aperture correction to total flux for the Roman PSF (``galsim.roman.getPSF``).
+    """Aperture correction to total flux for the Roman PSF (:func:`rtcnn.roman.get_psf`).
 
-    :func:`aperture_correction` of the unit-flux optical x pixel PSF at the band's
-    effective wavelength, drawn at 0.11"/px in a 63 px stamp (``total = 1``). Across
-    SCAs and positions it varies by about +-0.02 mag (H158: 0.24-0.26 mag at
-    ``r_ap = 3`` px), so give ``sca`` and ``sca_pos`` from the header when known. Cached.
-    With ``box``, "total" is the flux inside a ``box`` px square instead (``rtcnn.sim``
-    normalises its PSF inside 64 px, ``render.PSF_BOX``, ~0.02 mag less than all the
-    light), so use ``box=64`` for simulated images.
+    The one aperture correction of rtcnn: :func:`aperture_correction` of the unit-flux
+    optical x pixel PSF (:func:`rtcnn.roman.psf_stamp`) at the band's effective wavelength,
+    drawn at 0.11"/px in a 63 px stamp (``total = 1``), measured exactly as the photometry
+    measures stars. Across SCAs and positions it varies by about +-0.02 mag (H158:
+    0.24-0.26 mag at ``r_ap = 3`` px), so give ``sca`` and ``sca_pos`` from the header
+    when known. Cached. With ``box``, "total" is the flux inside a ``box`` px square
+    instead (``rtcnn.sim`` normalises its PSF inside 64 px, ``render.PSF_BOX``, ~0.02 mag
+    less than all the light); :func:`image_aperture_correction` reads it from the header.
 
     Parameters
     ----------
     band : str
-        Roman filter name (``Image.band``), e.g. 'H158'.
+        Roman filter name, either spelling (:func:`rtcnn.roman.canonical_band`).
     sca : int
         Detector 1-18 (header ``SCA``).
     sca_pos : (x, y), optional
-        Position on the SCA in GalSim's 1-based pixels; default the SCA centre.
+        Position on the SCA in GalSim's 1-based pixels; default the SCA centre
+        (:data:`rtcnn.roman.SCA_CENTRE`).
     r_ap, r_in, r_out : float
         Radii in px, as used for the photometry.
     box : int, optional
@@ -409,14 +432,7 @@ def roman_aperture_correction(
     pupil_bin : int
         ``getPSF`` pupil binning (8 is fast and adequate at the native pixel scale).
     """
-    import galsim
-    from galsim import roman
-
-    pos = galsim.PositionD(*(sca_pos or ((roman.n_pix + 1) / 2.0,) * 2))
-    wave = roman.getBandpasses()[band].effective_wavelength
-    psf = roman.getPSF(int(sca), band, SCA_pos=pos, wavelength=wave, pupil_bin=pupil_bin)
-    n = box or 63
-    stamp = psf.drawImage(nx=n, ny=n, scale=roman.pixel_scale).array
+    stamp = roman.psf_stamp(band, int(sca), sca_pos, box or 63, pupil_bin)
     return aperture_correction(r_ap, stamp, total=None if box else 1.0, r_in=r_in, r_out=r_out)
 
 

@@ -4,7 +4,7 @@ Pure numpy/scipy (no torch, no I/O), shared by the classical baseline
 (:mod:`rtcnn.baseline`) and the detector's PSF refinement (:mod:`rtcnn.inference`).
 
 * The PSF model is a Gaussian integrated over each pixel (:func:`pixel_gauss`), whose
-  pixel-convolved FWHM is the Roman PSF's (:data:`ROMAN_FWHM_PX`, :func:`band_fwhm`);
+  pixel-convolved FWHM is the Roman PSF's (:func:`rtcnn.roman.band_fwhm`);
   :func:`psf_sigma` removes the pixel's own width.
 * :func:`snr_map`: the PSF matched filter ``(D * K) / sqrt(var * K^2)`` of a
   difference image ``D`` with per-pixel variance ``var``.
@@ -26,20 +26,8 @@ from scipy import ndimage
 from scipy.special import erf
 
 from rtcnn.errors import RtcnnInputError
+from rtcnn.roman import SCA_NPIX, band_fwhm  # noqa: F401 - band_fwhm re-exported
 
-# FWHM (px at 0.11"/px) of the Roman optical PSF convolved with the pixel, measured with
-# galsim.roman.getPSF(SCA 1, pupil_bin=8) at each band's effective wavelength.
-ROMAN_FWHM_PX = {
-    "R062": 1.105,
-    "Z087": 1.075,
-    "Y106": 1.105,
-    "J129": 1.252,
-    "H158": 1.393,
-    "F184": 1.530,
-    "K213": 1.740,
-    "W146": 1.334,
-}
-DEFAULT_BAND = "H158"  # band assumed when the header names none (or an unknown one)
 PIXEL_VARIANCE = 1.0 / 12.0  # px^2, variance of the unit pixel box (removed from the FWHM)
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))  # Gaussian sigma per FWHM
 MAD_TO_SIGMA = 1.4826  # Gaussian sigma per median absolute deviation
@@ -49,11 +37,6 @@ MOMENT_SIGMA = 1.0  # px, Gaussian weight of the shape moments
 FIT_HALF = 2  # px, the PSF fit uses a (2 FIT_HALF + 1)^2 stamp
 FIT_ITERATIONS = 8  # Gauss-Newton iterations of the PSF fit
 FIT_MAX_SHIFT = 1.5  # px, a fit moving further than this from its peak pixel is rejected
-
-
-def band_fwhm(band: str | None) -> float:
-    """Default PSF FWHM in px for a Roman band name (H158 when unknown)."""
-    return ROMAN_FWHM_PX.get((band or "").strip().upper(), ROMAN_FWHM_PX[DEFAULT_BAND])
 
 
 def psf_sigma(fwhm: float) -> float:
@@ -117,7 +100,7 @@ def snr_map(diff: np.ndarray, var: np.ndarray, fwhm: float) -> np.ndarray:
     return snr
 
 
-def noise_peak_counts(fwhm: float, levels, shape: tuple[int, int] = (4088, 4088),
+def noise_peak_counts(fwhm: float, levels, shape: tuple[int, int] = (SCA_NPIX, SCA_NPIX),
                       seed: int = 0, min_distance: int = 2) -> dict[str, float]:
     """Peaks of ``|S/N|`` that pure white noise gives in :func:`snr_map`, per image.
 

@@ -59,11 +59,10 @@ from scipy.spatial import cKDTree
 
 from rtcnn.catalog import atomic_write, read_catalog
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
+from rtcnn.roman import SCA_AREA
 
 MATCH_RADIUS = 2.0  # px, a detection within this distance of a truth row can match it
 FP_BUDGET = 10.0  # false positives per full SCA at the alert operating point
-SCA_SIDE = 4088  # px, side of a Roman SCA
-SCA_AREA = SCA_SIDE * SCA_SIDE  # px^2
 SNR_MIN = 5.0  # truth S/N above which "completeness at S/N >= 5" counts a transient
 ORACLE_SNR = (4.0, 4.5, 5.0, 5.5, 6.0)  # true S/N cuts of the noise-limit oracle rows
 NOISE_PEAK_FIELDS = 4  # 4088^2 white-noise fields averaged by --noise-peaks
@@ -770,9 +769,10 @@ def run(args) -> dict:
         print("noise-limit oracle (reports exactly the transients with true S/N >= X): m50 "
               + ", ".join(f"{k}: {v:.2f}" for k, v in oracle.items()))
     if args.noise_peaks:
-        from rtcnn.psffit import band_fwhm, noise_peak_counts
+        from rtcnn.psffit import noise_peak_counts
+        from rtcnn.roman import DEFAULT_BAND, band_fwhm
 
-        fwhm = band_fwhm(None) if args.fwhm is None else args.fwhm
+        fwhm = band_fwhm(DEFAULT_BAND) if args.fwhm is None else args.fwhm
         runs = [noise_peak_counts(fwhm, ORACLE_SNR, seed=s) for s in range(NOISE_PEAK_FIELDS)]
         out["noise_peaks_per_sca"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
         print(f"pure-noise |S/N| peaks per SCA (FWHM {fwhm:g} px, mean of "

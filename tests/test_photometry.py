@@ -353,6 +353,39 @@ def test_sim_roman_aperture_correction(sim_pair):
     assert ac.mag == pytest.approx(sim_pair["apcorr"].mag, abs=0.01)
 
 
+@pytest.mark.parametrize("writer", ["openuniverse", "roman-asdf"])
+def test_aperture_correction_card_both_kinds_of_pair(sim_pair, tmp_path, writer, caplog):
+    """Only rtcnn.sim images (card PSFBOX, or the ORIGIN of older ones) get the correction to
+    the simulator's 64 px box; the same pair written by rtcnn.io.openuniverse / rtcnn.io.asdf
+    (both through write_pair_images, SIMMODE in the header) gets the all-light correction."""
+    import dataclasses
+
+    from rtcnn.io import read_pair
+    from rtcnn.io.openuniverse import write_pair_images
+    from rtcnn.photometry import image_aperture_correction
+
+    ref = sim_pair["ref"]
+    h = ref.header
+    assert h["PSFBOX"] == 64 and h["SIMMODE"] == "inject"
+    pos = (h["PSFSCAX"], h["PSFSCAY"])
+    sim_ac = image_aperture_correction(ref)
+    assert sim_ac == roman_aperture_correction("H158", h["SCA"], pos, box=64)
+    legacy = h.copy()
+    del legacy["PSFBOX"]  # an rtcnn.sim image written before the card existed
+    assert image_aperture_correction(dataclasses.replace(ref, header=legacy)) == sim_ac
+
+    d, _ = write_pair_images(ref, sim_pair["new"], tmp_path / "pair", SIMMODE=writer)
+    ref_w, new_w = read_pair(d / "ref.fits", d / "new.fits")
+    assert ref_w.header["SIMMODE"] == writer and "PSFBOX" not in ref_w.header
+    ac = image_aperture_correction(new_w)
+    assert ac == roman_aperture_correction("H158", h["SCA"], None, box=None)
+    assert ac.mag - sim_ac.mag == pytest.approx(0.02, abs=0.01)  # the light beyond 64 px
+    # a band that is not Roman's: no correction, said in the log
+    other = dataclasses.replace(new_w, band="r")
+    assert image_aperture_correction(other) == 1.0
+    assert "unknown Roman band 'r'" in caplog.text
+
+
 def test_sim_bright_star_magnitudes(sim_pair):
     """Header zero point + aperture correction reproduce bright isolated stars' truth."""
     ref, src = sim_pair["ref"], sim_pair["sources"]

@@ -51,7 +51,6 @@ read those directories like simulated pairs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -70,6 +69,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from rtcnn.errors import RtcnnInputError
 from rtcnn.io.fits import Image, write_image
+from rtcnn.roman import bandpass_zeropoint, noise_equivalent_area  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,6 @@ REPROJECT_METHODS = ("adaptive", "interp")
 HOST_RADIUS = 1.0  # arcsec: a transient within this distance of a truth galaxy is hosted
 PAIR_LIST_NAME = "pairs.ecsv"  # pair list written by prepare_pairs in its output directory
 PAIR_MARKER = "openuniverse"  # params.json "source" of pair directories written here
-PSF_PUPIL_BIN = 8  # galsim.roman.getPSF pupil binning for the S/N noise-equivalent area
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -150,23 +149,6 @@ def truth_path_for(image_path: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------- zero point
-
-
-@functools.lru_cache(maxsize=None)
-def bandpass_zeropoint(band: str) -> float:
-    """GalSim's AB zero point of a Roman bandpass (mag of 1 photon/s/cm^2).
-
-    Raises
-    ------
-    ValueError
-        Unknown band (the message lists the known ones).
-    """
-    import galsim.roman
-
-    bandpasses = galsim.roman.getBandpasses(AB_zeropoint=True)
-    if band not in bandpasses:
-        raise ValueError(f"unknown Roman band {band!r} (known: {', '.join(sorted(bandpasses))})")
-    return float(bandpasses[band].zeropoint)
 
 
 def ou_zeropoint(band: str, zptmag: float, exptime: float) -> float:
@@ -883,21 +865,6 @@ def same_pixel_grid(a: Image, b: Image, tol: float = 1e-4) -> bool:
 
 
 # ----------------------------------------------------------------------- pair truth
-
-
-@functools.lru_cache(maxsize=None)
-def noise_equivalent_area(band: str, sca: int) -> float:
-    """``1 / sum(psf^2)`` in px of the galsim.roman PSF at the SCA centre (pixelised)."""
-    import galsim
-    import galsim.roman
-
-    bp = galsim.roman.getBandpasses(AB_zeropoint=True)[band]
-    centre = galsim.PositionD(galsim.roman.n_pix / 2, galsim.roman.n_pix / 2)
-    psf = galsim.roman.getPSF(sca, band, SCA_pos=centre, pupil_bin=PSF_PUPIL_BIN,
-                              wavelength=bp.effective_wavelength)
-    img = psf.drawImage(nx=64, ny=64, scale=galsim.roman.pixel_scale).array
-    img = img / img.sum()
-    return float(1.0 / np.sum(img**2))
 
 
 def pair_truth(ref_truth: Table, new_truth: Table, new: Image, ref_on_new: Image,

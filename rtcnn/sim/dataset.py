@@ -330,6 +330,7 @@ def _hdulist(data, *, bkg, mjd, epoch, psf, n_cr, band, zp, pointing: Pointing, 
         ("PSFSCAY", psf.key[3], "[pix] 1-based SCA y of the PSF model"),
         ("PSFDEFOC", psf.key[4], "[wave] extra defocus (Zernike 4)"),
         ("PSFJITT", psf.key[5], "[mas] Gaussian jitter sigma"),
+        ("PSFBOX", render.PSF_BOX, "[pix] side of the PSF model's unit-flux box"),
         ("NCOSMIC", n_cr, "number of cosmic-ray hits added"),
         ("ORIGIN", "rtcnn.sim", "galsim " + galsim.__version__),
     ])

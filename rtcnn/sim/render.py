@@ -10,7 +10,7 @@ real TAN-SIP WCS (``getWCS``) is used only to give sky positions and the header.
 
 PSF model
 ---------
-``galsim.roman.getPSF(sca, band, SCA_pos, pupil_bin=8, wavelength=lambda_eff)``:
+``rtcnn.roman.get_psf(band, sca, SCA_pos, defocus, pupil_bin)`` (``galsim.roman.getPSF``):
 an achromatic optical PSF at the band's effective wavelength (no SED dependence),
 evaluated at the cut-out centre snapped to a 512 px grid on the SCA, optionally
 with extra defocus (Zernike 4, waves) and Gaussian pointing jitter. It is drawn
@@ -33,9 +33,9 @@ import galsim
 import galsim.roman as roman
 import numpy as np
 
-from rtcnn.sim.scene import PIXEL_SCALE, Pointing, Scene
+from rtcnn.roman import GALSIM_ORIGIN, PIXEL_SCALE, bandpass, get_psf, magzp  # noqa: F401
+from rtcnn.sim.scene import Pointing, Scene
 
-GALSIM_ORIGIN = 1  # GalSim / FITS index of the first pixel; package index = GalSim - 1
 OVERSAMPLE = 4  # PSF model sampling, model px per native px
 PSF_BOX = 64  # native px, side of the point-source PSF model (unit flux inside)
 GAL_PSF_BOX = 32  # native px, side of the optical PSF convolved with galaxies
@@ -46,23 +46,6 @@ JITTER_STEP = 1.0  # mas, quantisation of the jitter sigma (cache key)
 MJD_UNIX_EPOCH = 40587.0  # MJD of 1970-01-01T00:00:00 UTC
 HEADER_DROP = ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "BZERO", "BSCALE", "GS_XMIN", "GS_YMIN",
                "GS_WCS")  # keys of GalSim's WCS header that astropy writes itself or we drop
-
-
-@functools.lru_cache(maxsize=None)
-def bandpass(band: str) -> galsim.Bandpass:
-    """Roman bandpass with an AB zero point (``galsim.roman.getBandpasses(AB_zeropoint=True)``)."""
-    return roman.getBandpasses(AB_zeropoint=True)[band]
-
-
-def magzp(band: str) -> float:
-    """AB magnitude of a source giving 1 e-/s in ``band``.
-
-    GalSim's ``bandpass.zeropoint`` is the AB magnitude of 1 photon/cm^2/s (the
-    Roman throughput tables include the detector QE, so photons = e-); the
-    collecting area (cm^2) turns that into e-/s:
-    ``MAGZP = zeropoint + 2.5 log10(collecting_area)`` (26.51 for H158).
-    """
-    return float(bandpass(band).zeropoint + 2.5 * math.log10(roman.collecting_area))
 
 
 def mag_to_flux(mag: np.ndarray, zp: float) -> np.ndarray:
@@ -148,17 +131,7 @@ def psf_model(
     -------
     PsfModel
     """
-    bp = bandpass(band)
-    aberr = np.zeros(23)
-    aberr[4] = defocus
-    optical = roman.getPSF(
-        sca,
-        band,
-        SCA_pos=galsim.PositionD(sca_x, sca_y),
-        pupil_bin=pupil_bin,
-        wavelength=bp.effective_wavelength,
-        extra_aberrations=aberr,
-    )
+    optical = get_psf(band, sca, (sca_x, sca_y), defocus, pupil_bin)
     if jitter > 0:
         optical = galsim.Convolve(optical, galsim.Gaussian(sigma=jitter * 1e-3))
     fine = PIXEL_SCALE / OVERSAMPLE  # arcsec per model px

@@ -33,17 +33,15 @@ from typing import Any
 import numpy as np
 
 from rtcnn.errors import RtcnnInputError
+from rtcnn.roman import BANDS, DEFAULT_BAND, N_SCA, PIXEL_SCALE, SCA_NPIX
 
-PIXEL_SCALE = 0.11  # arcsec / px, Roman WFI (galsim.roman.pixel_scale)
-SCA_NPIX = 4088  # px, side of a Roman SCA (galsim.roman.n_pix)
-N_SCA = 18  # number of Roman WFI detectors, numbered 1..18
 MIN_SIZE = 64  # px, smallest image side (one 64x64 tile)
 MPIX = 1.0e6  # px per "Mpix", the unit of all densities
 EXP_HLR_PER_SCALE = 1.6783469900166608  # exponential profile: half-light radius / scale length
 
 # Default scene. Units in the comments; densities are per 1e6 px.
 DEFAULTS: dict[str, Any] = {
-    "band": "H158",  # Roman filter (galsim.roman bandpass name)
+    "band": DEFAULT_BAND,  # Roman filter (galsim.roman bandpass name)
     "sca": None,  # 1..18, or None = random SCA per pair
     "star_density": 40.0,  # stars / Mpix (~4e4 deg^-2, a mid-latitude field to H~26.5)
     "star_mag": (18.0, 26.5),  # AB mag range of stars
@@ -81,7 +79,6 @@ DEFAULTS: dict[str, Any] = {
 }
 MODES = ("inject", "epochs")
 COSMIC_RAY_DENSITY = {"inject": 0.0, "epochs": 50.0}  # hits / Mpix, default per mode
-BANDS = ("R062", "Z087", "Y106", "J129", "H158", "F184", "K213", "W146")  # imaging filters
 
 _RANGE_KEYS = (
     "star_mag",
