@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,23 +33,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rtcnn.catalog import write_catalog, write_ds9_regions
 from rtcnn.cli import add_pair_arguments, check_outputs, pair_jobs, report_skipped
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
-from rtcnn.inference import (
-    DMAG_SOURCES,
-    MODES,
-    detect_images,
-    load_detector,
-    native_bf16,
-    resolve_device,
+from rtcnn.inference import DMAG_SOURCES, MODES, resolve_device
+from rtcnn.pipeline import (
+    PRECISIONS,
+    PairOptions,
+    PairOutputs,
+    load_model,
+    load_pair,
+    process_pair,
 )
-from rtcnn.io import read_pair
 
 log = logging.getLogger(__name__)
-
-DEFAULT_THRESHOLD = 0.5  # network score, when the checkpoint names none
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 
@@ -87,80 +82,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise RtcnnInputError(None, f"--threshold must lie in [0, 1], got {args.threshold}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise RtcnnInputError(None, f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads is not None and args.threads < 1:
         raise RtcnnInputError(None, f"--threads must be >= 1, got {args.threads}")
 
 
-def _load(ref: Path, new: Path):
-    """Read a pair and pull the pixels into memory (runs in the prefetch thread)."""
-    ref_img, new_img = read_pair(ref, new)
-    for img in (ref_img, new_img):
-        img.data = img.filled(float("nan"))  # native float32 in RAM; NaN stays masked
-    return ref_img, new_img
+def pair_options(args: argparse.Namespace) -> PairOptions:
+    """The per-pair options of a parsed command line (checked)."""
+    options = PairOptions(threshold=args.threshold, mode=args.mode, batch_size=args.batch_size,
+                          precision=args.precision, refine=not args.no_refine,
+                          dmag=args.dmag, tta=args.tta, overwrite=args.overwrite)  # fmt: skip
+    options.check()
+    return options
 
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Process every pair of ``args``; returns the catalog paths written."""
+    options = pair_options(args)
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     jobs = pair_jobs(args.inputs, args.output, args.regions)
     check_outputs(jobs, args.overwrite)
-    net = load_detector(args.ckpt, device)
-    threshold = args.threshold
-    if threshold is None:
-        threshold = DEFAULT_THRESHOLD if net.saved_threshold is None else net.saved_threshold
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16(device))
-    meta = {"model": os.fspath(args.ckpt), "model_name": "dense", "device": str(device),
-            "precision": "bf16" if bf16 else "fp32"}  # fmt: skip
+    model = load_model(args.ckpt, device)
+    dense = args.mode == "dense" or (args.mode == "auto" and model.device.type == "cuda")
     written, skipped = [], []
     show = not args.no_progress
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load, jobs[0][1], jobs[0][2])
+        pending = pool.submit(load_pair, jobs[0].ref, jobs[0].new)
         outer = tqdm(jobs, desc="pairs", unit="pair", disable=not show or len(jobs) == 1)
-        for i, (name, ref, new, cat_path, reg_path) in enumerate(outer):
+        for i, job in enumerate(outer):
             loaded = pending
             if i + 1 < len(jobs):  # read the next pair while this one runs
-                pending = pool.submit(_load, jobs[i + 1][1], jobs[i + 1][2])
+                pending = pool.submit(load_pair, jobs[i + 1].ref, jobs[i + 1].new)
             try:
-                ref_img, new_img = loaded.result()
-                _report_masked(name, ref_img, new_img)
-                dense = args.mode == "dense" or (args.mode == "auto" and device.type == "cuda")
-                with tqdm(desc=name, unit="tile" if dense else "stamp", disable=not show,
+                with tqdm(desc=job.name, unit="tile" if dense else "stamp", disable=not show,
                           leave=len(jobs) == 1) as bar:
-                    table = detect_images(net, ref_img, new_img, threshold, mode=args.mode,
-                                          batch_size=args.batch_size, device=device,
-                                          bf16=bf16, refine=not args.no_refine,
-                                          dmag=args.dmag, tta=args.tta, progress=bar,
-                                          meta=meta)  # fmt: skip
+                    result = process_pair(job.ref, job.new, model, options,
+                                          PairOutputs(job.catalog, job.regions), name=job.name,
+                                          images=loaded.result(), progress=bar)  # fmt: skip
             except RtcnnInputError as err:  # one unusable pair of many: skip it, name it
-                if args.strict or len(jobs) == 1:
+                outputs = [str(p) for p in (job.catalog, job.regions) if p is not None]
+                if args.strict or len(jobs) == 1 or err.path in outputs:  # outputs: stop
                     raise
-                log.warning("%s: skipped: %s", name, err)
-                skipped.append((name, err))
+                log.warning("%s: skipped: %s", job.name, err)
+                skipped.append((job.name, err))
                 continue
-            table.meta["ref"], table.meta["new"] = os.fspath(ref), os.fspath(new)
-            write_catalog(table, cat_path, overwrite=args.overwrite)
-            if reg_path is not None:
-                write_ds9_regions(table, reg_path, overwrite=args.overwrite)
-            log.info("%s: %d candidates -> %s (%.2f s)", name, len(table), cat_path,
-                     table.meta["seconds"])
-            written.append(cat_path)
+            written.append(result.catalog)
     report_skipped(skipped, len(jobs), len(written))
     return written
-
-
-def _report_masked(name: str, ref, new) -> None:
-    """Log the fraction of NaN/inf (masked) pixels of a pair, when there are any."""
-    fractions = [img.masked_fraction for img in (ref, new)]
-    if any(fractions):
-        log.info("%s: masked NaN/inf pixels: ref %.3g%%, new %.3g%% (excluded from the "
-                 "candidates and set to 0 for the network)", name, *(100 * f for f in fractions))
 
 
 @cli_main

@@ -72,3 +72,42 @@ def train_cfg(tiny_sim, tmp_path) -> DictConfig:
     """``conf/train.yaml`` with ``trainer=debug`` on the tiny set, outputs in ``tmp_path``."""
     return compose_train(["trainer=debug", *tiny_overrides(tiny_sim, tmp_path)],
                          tmp_path / "run")
+
+
+SMALL_PAIRS = 6  # simulated epochs-mode pairs of the pipeline and survey tests
+SMALL_SIZE = 96  # px, their image side
+
+
+@pytest.fixture(scope="session")
+def small_pairs(tmp_path_factory) -> Path:
+    """Six 96x96 px epochs-mode pairs (rtcnn.sim, pair_0000 ... pair_0005), made once."""
+    from rtcnn.sim import simulate_dataset
+
+    root = tmp_path_factory.mktemp("small_pairs")
+    simulate_dataset(root, pairs=SMALL_PAIRS, size=SMALL_SIZE, mode="epochs", seed=5,
+                     progress=False, n_transients=4)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_detector_ckpt(tmp_path_factory) -> Path:
+    """A real Lightning checkpoint of a tiny dense detector after one training step."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from rtcnn.models.detector import DenseDetector
+    from rtcnn.tasks.detection import DetectionTask
+
+    torch.manual_seed(0)
+    task = DetectionTask(DenseDetector(channels=(8, 8, 8), head_channels=8, prior=0.01))
+    xy = torch.tensor([[[20.0, 30.0]], [[40.5, 10.25]]])
+    batch = {"image": torch.randn(2, 2, 64, 64), "xy": xy, "valid": torch.ones(2, 1, dtype=bool),
+             "dmag": torch.ones(2, 1)}  # fmt: skip
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+    trainer.fit(task, DataLoader([batch], batch_size=None))
+    path = tmp_path_factory.mktemp("tiny_detector") / "dense.ckpt"
+    trainer.save_checkpoint(path)
+    return path
