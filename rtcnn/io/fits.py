@@ -306,11 +306,11 @@ def read_pair(ref: str | os.PathLike, new: str | os.PathLike,
     """
     ref_img = read_image(ref, hdu=hdu, memmap=memmap)
     new_img = read_image(new, hdu=hdu, memmap=memmap)
-    if ref_img.shape != new_img.shape:
+    if ref_img.shape != new_img.shape and (ref_img.wcs is None or new_img.wcs is None):
         raise RtcnnInputError(
             new,
             f"shape {_fmt_shape(new_img.shape)} does not match the reference "
-            f"{_fmt_shape(ref_img.shape)} ({ref})",
+            f"{_fmt_shape(ref_img.shape)} ({ref}) and a WCS is missing to align them",
         )
     return ref_img, new_img
 
