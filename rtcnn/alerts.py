@@ -1,0 +1,537 @@
+"""Cutouts (FITS stamps with WCS and variance) and LSST Avro alert packets of candidates.
+
+Cutouts
+-------
+:func:`write_cutouts` writes, per candidate, ``<id>.fits`` with a primary HDU holding the
+candidate (``ID``, ``X``, ``Y`` 0-based px, ``RA``, ``DEC``, ``PADDED``) and six image HDUs:
+``REF``, ``REF_VARIANCE``, ``NEW``, ``NEW_VARIANCE``, ``DIFF``, ``DIFF_VARIANCE``, each
+``N x N`` px (default :data:`DEFAULT_CUTOUT_SIZE`) with the new image's WCS of the stamp
+(:class:`astropy.nddata.Cutout2D`; the reference is aligned on that grid). Values are e-/s
+(``BUNIT``), variances (e-/s)^2 from :func:`stamp_variance`. A stamp that runs off the image
+is padded with NaN (``PADDED = T`` in every header, and the candidate's ``edge`` flag),
+never an error. Masked (NaN/inf) pixels stay NaN.
+
+Alert packets
+-------------
+:func:`write_alerts` writes one Avro file ``<diaSourceId>.avro`` per candidate with the
+newest LSST alert schema that ``lsst-alert-packet`` ships (:func:`alert_schema`: v11.1 with
+version 30.2026), an Avro container holding the schema, so brokers read it with
+``lsst.alert.packet.retrieve_alerts`` or any Avro reader. Every record is validated
+against the schema before it is written. The fields rtcnn fills:
+
+=========================== ===========================================================
+alert / diaSource field     source
+=========================== ===========================================================
+diaSourceId                 :func:`source_ids`: BLAKE2b hash of the visit, detector and
+                            position (x, y to 1e-3 px) -> 63-bit int; a rerun on the same
+                            pair gives the same IDs
+visit                       header ``VISIT``/``EXPID``/``OBSID`` (int), else a 63-bit hash
+                            of the new image's header (same file, same visit)
+detector                    header ``SCA``/``SCA_NUM``/``DETECTOR``, else 0
+midpointMjdTai              :func:`midpoint_mjd_tai`: ``MJD-AVG``/``DATE-AVG``, else
+                            ``MJD-OBS``/``DATE-OBS``/``MJD-BEG``/``DATE-BEG`` + EXPTIME/2, in
+                            the header's ``TIMESYS`` (default UTC) converted to TAI. A
+                            header without a date gives **NaN**: the schema has no null
+                            for this field, so NaN is rtcnn's "null time"
+exposureTime                header ``EXPTIME``
+ra, dec, raErr, decErr      ``ra``, ``dec``, ``ra_err`` (of ra cos dec), ``dec_err``
+x, y, xErr, yErr            ``x``, ``y`` (0-based, integer = pixel centre, as LSST's),
+                            ``x_err``, ``y_err``
+psfFlux, psfFluxErr, snr    ``psf_flux``, ``psf_flux_err`` (nJy), ``snr``
+apFlux, apFluxErr           ``ap_flux``, ``ap_flux_err`` (nJy; rtcnn's aperture is 3 px,
+                            aperture-corrected to total, not LSST's 12 px)
+isNegative                  ``is_negative``
+reliability                 ``reliability`` (network score); ``reliabilityVersion`` names
+                            rtcnn's version and the model file
+band                        the new image's band (Roman name, e.g. ``H158``)
+pixelFlags_edge, _bad,      the ``edge``, ``masked``, ``cosmic_ray``, ``saturated`` bits of
+_cr, _saturated             ``flags``; ``apFlux_flag_apertureTruncated`` and
+                            ``psfFlux_flag_edge`` = ``edge``; ``psfFlux_flag``/
+                            ``apFlux_flag`` = flux not finite; ``pixelFlags`` = False
+psfNdata                    pixels of the forced PSF fit (49)
+bboxSize                    the cutout size N
+timeProcessedMjdTai         the time the packets were made (TAI), one value per call
+cutoutTemplate / Science /  FITS files (bytes): the REF / NEW / DIFF stamp as the primary
+Difference                  HDU (with WCS) and its ``VARIANCE`` extension
+=========================== ===========================================================
+
+Everything else is null where the schema allows it (rtcnn has no association, history,
+trail, dipole, shape, forced science/template photometry or scheduler information:
+``diaObjectId``, ``prvDiaSources``, ``diaObject``, ``trail*``, ``dipole*``, ``ixx``...), and
+the required ints rtcnn does not measure are 0 (``trailNdata``, ``dipoleNdata``).
+
+Run from a catalog: ``python -m rtcnn.alerts CATALOG -o DIR [--cutouts N] [--overwrite]``
+(the pair is the catalog's ``ref``/``new`` metadata unless ``--ref``/``--new`` are given);
+``rtcnn.detect --alerts DIR --cutouts N`` does it during detection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.nddata import Cutout2D
+from astropy.table import Table
+from astropy.time import Time
+
+from rtcnn import __version__
+from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
+from rtcnn.fluxes import FLAG_BITS, MEASURED_COLUMNS, PSF_HALF, header_sca
+from rtcnn.psffit import background_sigma
+
+__all__ = [
+    "ALERT_COLUMNS", "DEFAULT_CUTOUT_SIZE", "Stamps", "alert_records", "alert_schema",
+    "check_alert_dir", "check_columns", "cutout_stamps", "midpoint_mjd_tai", "read_alerts",
+    "source_ids", "stamp_variance", "visit_id", "write_alerts", "write_cutouts",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CUTOUT_SIZE = 63  # px, side of a cutout stamp
+ID_BITS = 63  # IDs are positive Avro longs
+VISIT_KEYWORDS = ("VISIT", "EXPID", "OBSID", "EXPOSURE")
+DETECTOR_KEYWORDS = ("SCA", "SCA_NUM", "DETECTOR")
+ALERT_COLUMNS = ("x", "y", "ra", "dec", *MEASURED_COLUMNS)  # a catalog must have these
+
+
+# --------------------------------------------------------------------------- schema
+def alert_schema():
+    """The newest alert schema of ``lsst-alert-packet`` (:class:`lsst.alert.packet.Schema`).
+
+    ``lsst.alert.packet.get_latest_schema_version()`` names it (``latest.txt``); the package
+    loads it with ``fastavro.schema.load_schema`` (:meth:`Schema.from_file`).
+    """
+    from lsst.alert.packet import Schema
+
+    return Schema.from_file()
+
+
+def _record_fields(schema) -> dict[str, list]:
+    """``{field: [avro types]}`` of the alert's ``diaSource`` record."""
+    field = next(f for f in schema.definition["fields"] if f["name"] == "diaSource")
+    return {f["name"]: (f["type"] if isinstance(f["type"], list) else [f["type"]])
+            for f in field["type"]["fields"]}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- ids and time
+def _hash63(*parts) -> int:
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> (64 - ID_BITS)
+
+
+def visit_id(header: Mapping) -> int:
+    """The visit of an image: an integer ``VISIT``/``EXPID``/``OBSID``/``EXPOSURE`` card,
+    else a 63-bit hash of the whole header (the same file always gives the same visit)."""
+    for key in VISIT_KEYWORDS:
+        value = header.get(key)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+            return int(value)
+    text = header.tostring() if isinstance(header, fits.Header) else repr(sorted(header.items()))
+    return _hash63("visit", text)
+
+
+def detector_id(header: Mapping) -> int:
+    """``SCA``/``SCA_NUM``/``DETECTOR`` as an int, else 0."""
+    for key in DETECTOR_KEYWORDS:
+        try:
+            return int(header.get(key))
+        except (TypeError, ValueError):
+            continue
+    return 0
+
+
+def source_ids(table: Table, header: Mapping) -> np.ndarray:
+    """Deterministic 63-bit IDs: hash of visit, detector and ``(x, y)`` rounded to 1e-3 px.
+
+    Returns
+    -------
+    (N,) int64, all distinct for distinct positions.
+    """
+    visit, det = visit_id(header), detector_id(header)
+    return np.array([_hash63(visit, det, f"{float(x):.3f}", f"{float(y):.3f}")
+                     for x, y in zip(table["x"], table["y"])], dtype=np.int64)  # fmt: skip
+
+
+def midpoint_mjd_tai(header: Mapping, exptime: float | None = None) -> float | None:
+    """Mid-exposure time, MJD in TAI, from a header; None when the header has no date.
+
+    ``MJD-AVG``/``DATE-AVG`` (the FITS standard's mid-exposure) directly; otherwise the
+    start (``MJD-OBS``, ``DATE-OBS``, ``MJD-BEG``, ``DATE-BEG``) plus half of ``exptime``
+    (or ``EXPTIME``). The time scale is ``TIMESYS`` (default UTC).
+
+    Raises
+    ------
+    RtcnnInputError
+        A date card that is not a valid date.
+    """
+    scale = str(header.get("TIMESYS", "UTC")).strip().lower() or "utc"
+    if scale not in Time.SCALES:
+        scale = "utc"
+    if exptime is None:
+        try:
+            exptime = float(header.get("EXPTIME"))
+        except (TypeError, ValueError):
+            exptime = None
+    for keys, offset in ((("MJD-AVG", "DATE-AVG"), 0.0),
+                         (("MJD-OBS", "DATE-OBS", "MJD-BEG", "DATE-BEG"), 0.5)):  # fmt: skip
+        for key in keys:
+            value = header.get(key)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                continue
+            try:
+                t = (Time(float(value), format="mjd", scale=scale) if key.startswith("MJD")
+                     else Time(str(value).strip(), format="isot", scale=scale))  # fmt: skip
+            except (TypeError, ValueError) as err:
+                raise RtcnnInputError(None, f"header {key} = {value!r} is not a date ({err})"
+                                      ) from None  # fmt: skip
+            mjd = float(t.tai.mjd)
+            if offset and exptime:
+                mjd += offset * exptime / 86400.0
+            return mjd
+    return None
+
+
+# --------------------------------------------------------------------------- cutouts
+def stamp_variance(data: np.ndarray, sigma: float, exptime: float | None) -> np.ndarray:
+    """Variance (e-/s)^2 of image pixels: ``sigma**2 + max(I, 0) / exptime`` (NaN stays NaN)."""
+    var = np.full(data.shape, float(sigma) ** 2)
+    if exptime:
+        var = var + np.clip(data, 0.0, None) / exptime
+    return np.where(np.isfinite(data), var, np.nan)
+
+
+class Stamps:
+    """The three stamps of one candidate and their variances, on the new image's grid.
+
+    Attributes
+    ----------
+    ref, new, diff, ref_var, new_var, diff_var : (N, N) float32
+    header : astropy.io.fits.Header
+        The stamp's WCS (0-based position ``(x, y)`` of the candidate at the centre pixel).
+    padded : bool
+        The stamp ran off the image (NaN beyond it).
+    """
+
+    __slots__ = ("ref", "new", "diff", "ref_var", "new_var", "diff_var", "header", "padded")
+
+    def hdul(self, meta: Mapping) -> fits.HDUList:
+        """The cutout file: primary HDU with ``meta`` cards, then six image HDUs."""
+        primary = fits.PrimaryHDU()
+        for key, value in meta.items():
+            primary.header[key] = value
+        primary.header["PADDED"] = (self.padded, "stamp ran off the image (NaN-padded)")
+        hdus = [primary]
+        for name in ("ref", "new", "diff"):
+            for suffix, arr in (("", getattr(self, name)), ("_VARIANCE", getattr(self, f"{name}_var"))):
+                hdr = self.header.copy()
+                hdr["BUNIT"] = "electron/s" if not suffix else "(electron/s)**2"
+                hdr["PADDED"] = self.padded
+                hdus.append(fits.ImageHDU(arr, header=hdr, name=f"{name.upper()}{suffix}"))
+        return fits.HDUList(hdus)
+
+    def stamp_bytes(self, name: str) -> bytes:
+        """One stamp as a FITS file (bytes): the image (primary, with WCS) and ``VARIANCE``."""
+        hdr = self.header.copy()
+        hdr["BUNIT"] = "electron/s"
+        hdr["PADDED"] = self.padded
+        hdul = fits.HDUList([fits.PrimaryHDU(getattr(self, name), header=hdr),
+                             fits.ImageHDU(getattr(self, f"{name}_var"), header=self.header,
+                                           name="VARIANCE")])  # fmt: skip
+        buf = io.BytesIO()
+        hdul.writeto(buf)
+        return buf.getvalue()
+
+
+def _image_sigma(image) -> float:
+    """Background noise per pixel of an image: header ``BKGSIG``, else its MAD sigma."""
+    try:
+        value = float(image.header.get("BKGSIG"))
+        if math.isfinite(value) and value > 0:
+            return value
+    except (TypeError, ValueError):
+        pass
+    return background_sigma(np.asarray(image.data), image.mask)
+
+
+def cutout_stamps(ref, new, x, y, size: int = DEFAULT_CUTOUT_SIZE):
+    """Yield :class:`Stamps` of each position, ``size`` px square, on the new image's grid.
+
+    Parameters
+    ----------
+    ref, new : rtcnn.io.Image
+        The aligned reference and the new image (the new image's WCS is used for all three).
+    x, y : (N,) float
+        Positions in px (0-based).
+    size : int
+        Stamp side in px (odd sizes centre the candidate's pixel).
+    """
+    if size < 3:
+        raise RtcnnInputError(None, f"--cutouts must be >= 3 px, got {size}")
+    wcs = new.require_wcs("write cutouts with a WCS")
+    sig_r, sig_n = _image_sigma(ref), _image_sigma(new)
+    new_data, ref_data = np.asarray(new.data), np.asarray(ref.data)
+    for xi, yi in zip(np.asarray(x, float), np.asarray(y, float)):
+        cut = Cutout2D(new_data, (xi, yi), size, wcs=wcs, mode="partial", fill_value=np.nan,
+                       copy=True)  # fmt: skip
+        st = Stamps()
+        so, sc = cut.slices_original, cut.slices_cutout
+        st.padded = any(s.stop - s.start != size for s in sc)
+        r = np.full((size, size), np.nan, np.float32)
+        r[sc] = ref_data[so]
+        n = cut.data.astype(np.float32)
+        for img, arr in ((ref, r), (new, n)):
+            if img.mask is not None:
+                arr[sc] = np.where(img.mask[so], np.nan, arr[sc])
+        st.ref, st.new = r, n
+        st.diff = n - r
+        st.ref_var = stamp_variance(r, sig_r, ref.exptime).astype(np.float32)
+        st.new_var = stamp_variance(n, sig_n, new.exptime).astype(np.float32)
+        st.diff_var = st.ref_var + st.new_var
+        st.header = cut.wcs.to_header(relax=True)
+        yield st
+
+
+def check_columns(table: Table, path=None, needed: Sequence[str] = ALERT_COLUMNS) -> None:
+    """Raise :class:`RtcnnInputError` (one line) when ``table`` lacks a needed column."""
+    missing = [c for c in needed if c not in table.colnames]
+    if missing:
+        raise RtcnnInputError(path, f"catalog lacks column(s) {', '.join(missing)} needed for "
+                              "alerts (write it with this rtcnn's detect)")  # fmt: skip
+
+
+def check_alert_dir(path, overwrite: bool) -> Path:
+    """An output directory for packets or cutouts: an existing one is refused without
+    ``overwrite`` (check before any work); a file in its place is an error."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise RtcnnInputError(p, "is a file, not a directory")
+    if p.is_dir() and not overwrite:
+        raise RtcnnInputError(p, "already exists; pass --overwrite to replace its contents")
+    return p
+
+
+def _ensure_ids(table: Table, header: Mapping) -> np.ndarray:
+    if "id" not in table.colnames:
+        table["id"] = source_ids(table, header)
+        table["id"].description = "deterministic source ID (rtcnn.alerts.source_ids)"
+    return np.asarray(table["id"], np.int64)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def write_cutouts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZE,
+                  overwrite: bool = False) -> list[Path]:
+    """Write ``<outdir>/<id>.fits`` per candidate (see the module docstring).
+
+    Adds an ``id`` column (:func:`source_ids`) when the table has none, and sets the
+    ``edge`` bit of ``flags`` where a stamp was padded.
+
+    Returns
+    -------
+    list of pathlib.Path, in table order.
+    """
+    check_columns(table, needed=("x", "y", "ra", "dec"))
+    out = check_alert_dir(outdir, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = _ensure_ids(table, new.header)
+    paths = []
+    for i, st in enumerate(cutout_stamps(ref, new, table["x"], table["y"], size)):
+        meta = {"ID": int(ids[i]), "X": float(table["x"][i]), "Y": float(table["y"][i]),
+                "RA": float(table["ra"][i]), "DEC": float(table["dec"][i]),
+                "ORIGIN": f"rtcnn {__version__}"}  # fmt: skip
+        path = out / f"{ids[i]}.fits"
+        buf = io.BytesIO()
+        st.hdul(meta).writeto(buf)
+        _write_bytes(path, buf.getvalue())
+        if st.padded and "flags" in table.colnames:
+            table["flags"][i] |= FLAG_BITS["edge"]
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- packets
+def _opt(value):
+    """A float for a nullable Avro field: None when not finite."""
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def alert_records(table: Table, ref, new, size: int = DEFAULT_CUTOUT_SIZE, schema=None,
+                  processed_mjd: float | None = None):
+    """Yield ``(record, stamps)``: the alert dict of each candidate (validated) and its stamps.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        A measured catalog (:data:`ALERT_COLUMNS`).
+    ref, new : rtcnn.io.Image
+    size : int
+        Cutout side in px.
+    schema : lsst.alert.packet.Schema, optional
+        Default :func:`alert_schema`.
+    processed_mjd : float, optional
+        ``timeProcessedMjdTai`` (default now).
+    """
+    check_columns(table)
+    schema = schema or alert_schema()
+    fields = _record_fields(schema)
+    header = new.header
+    ids = _ensure_ids(table, header)
+    visit, det = visit_id(header), detector_id(header)
+    if not det:
+        det = header_sca(header) if any(k in header for k in DETECTOR_KEYWORDS) else 0
+    mjd = midpoint_mjd_tai(header, new.exptime)
+    band = new.band.strip() if new.band else None
+    processed = Time.now().tai.mjd if processed_mjd is None else float(processed_mjd)
+    model = table.meta.get("model")
+    version = f"rtcnn {__version__}" + (f" {os.path.basename(str(model))}" if model else "")
+    flags = np.asarray(table["flags"], np.int64)
+    bits = {name: (flags & bit) != 0 for name, bit in FLAG_BITS.items()}
+    for i, st in enumerate(cutout_stamps(ref, new, table["x"], table["y"], size)):
+        row = table[i]
+        edge = bool(bits["edge"][i] or st.padded)
+        src = {name: None if "null" in types else 0 for name, types in fields.items()}
+        src.update({
+            "diaSourceId": int(ids[i]), "visit": int(visit), "detector": int(det),
+            "midpointMjdTai": float("nan") if mjd is None else mjd,
+            "exposureTime": _opt(new.exptime) if new.exptime else None,
+            "ra": float(row["ra"]), "dec": float(row["dec"]),
+            "raErr": _opt(row["ra_err"]), "decErr": _opt(row["dec_err"]),
+            "x": float(row["x"]), "y": float(row["y"]),
+            "xErr": _opt(row["x_err"]), "yErr": _opt(row["y_err"]),
+            "apFlux": _opt(row["ap_flux"]), "apFluxErr": _opt(row["ap_flux_err"]),
+            "apFlux_flag": not math.isfinite(float(row["ap_flux"])),
+            "apFlux_flag_apertureTruncated": edge,
+            "isNegative": bool(row["is_negative"]), "snr": _opt(row["snr"]),
+            "psfFlux": _opt(row["psf_flux"]), "psfFluxErr": _opt(row["psf_flux_err"]),
+            "psfNdata": (2 * PSF_HALF + 1) ** 2,
+            "psfFlux_flag": not math.isfinite(float(row["psf_flux"])),
+            "psfFlux_flag_edge": edge,
+            "reliability": _opt(row["reliability"]), "reliabilityVersion": version,
+            "band": band, "timeProcessedMjdTai": processed, "bboxSize": int(size),
+            "pixelFlags": False, "pixelFlags_bad": bool(bits["masked"][i]),
+            "pixelFlags_cr": bool(bits["cosmic_ray"][i]), "pixelFlags_edge": edge,
+            "pixelFlags_saturated": bool(bits["saturated"][i]),
+        })  # fmt: skip
+        unknown = set(src) - set(fields)
+        if unknown:  # a schema without one of these fields: not the schema rtcnn was made for
+            raise RuntimeError(f"alert schema {schema.definition['name']} lacks {sorted(unknown)}")
+        record = {f["name"]: None for f in schema.definition["fields"]}
+        record.update({
+            "diaSourceId": int(ids[i]), "diaSource": src,
+            "cutoutDifference": st.stamp_bytes("diff"), "cutoutScience": st.stamp_bytes("new"),
+            "cutoutTemplate": st.stamp_bytes("ref"),
+        })  # fmt: skip
+        schema.validate(record)  # fastavro.validate: raises ValidationError naming the field
+        yield record, st
+
+
+def write_alerts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZE,
+                 overwrite: bool = False, cutout_dir=None,
+                 processed_mjd: float | None = None) -> list[Path]:
+    """Write ``<outdir>/<diaSourceId>.avro`` per candidate, each validated.
+
+    With ``cutout_dir``, the cutout files (:func:`write_cutouts`) are written from the
+    same stamps (one pass over the candidates).
+
+    Returns
+    -------
+    list of pathlib.Path, the packets in table order.
+    """
+    check_columns(table)
+    out = check_alert_dir(outdir, overwrite)
+    cut = check_alert_dir(cutout_dir, overwrite) if cutout_dir is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    if cut is not None:
+        cut.mkdir(parents=True, exist_ok=True)
+    schema = alert_schema()
+    paths = []
+    records = alert_records(table, ref, new, size, schema, processed_mjd)
+    for i, (record, st) in enumerate(records):
+        buf = io.BytesIO()
+        schema.store_alerts(buf, [record])
+        path = out / f"{record['diaSourceId']}.avro"
+        _write_bytes(path, buf.getvalue())
+        paths.append(path)
+        if st.padded:
+            table["flags"][i] |= FLAG_BITS["edge"]
+        if cut is not None:
+            meta = {"ID": record["diaSourceId"], "X": float(table["x"][i]),
+                    "Y": float(table["y"][i]), "RA": float(table["ra"][i]),
+                    "DEC": float(table["dec"][i]), "ORIGIN": f"rtcnn {__version__}"}  # fmt: skip
+            b = io.BytesIO()
+            st.hdul(meta).writeto(b)
+            _write_bytes(cut / f"{record['diaSourceId']}.fits", b.getvalue())
+    table.meta["alert_schema"] = schema.definition["name"]
+    return paths
+
+
+def read_alerts(path) -> list[dict]:
+    """The records of one packet file, read with ``lsst.alert.packet.retrieve_alerts``."""
+    from lsst.alert.packet import retrieve_alerts
+
+    with open(path, "rb") as fh:
+        _, records = retrieve_alerts(fh)
+        return list(records)
+
+
+# --------------------------------------------------------------------------- command
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog="python -m rtcnn.alerts",
+                      description="Write LSST Avro alert packets (and cutouts) of the "
+                      "candidates of a measured catalog.")  # fmt: skip
+    p.add_argument("catalog", help="ECSV catalog written by rtcnn.detect")
+    p.add_argument("-o", "--output", required=True, help="directory of <diaSourceId>.avro")
+    p.add_argument("--ref", help="aligned reference image (default: the catalog's 'ref')")
+    p.add_argument("--new", help="new image (default: the catalog's 'new')")
+    p.add_argument("--cutouts", type=int, nargs="?", const=DEFAULT_CUTOUT_SIZE, default=None,
+                   metavar="N", help="also write N px cutout files (default N = 63) to "
+                   "OUTPUT/cutouts")  # fmt: skip
+    p.add_argument("--size", type=int, default=DEFAULT_CUTOUT_SIZE,
+                   help="cutout side in px inside the packets (default 63; --cutouts N sets "
+                   "both)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return p
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m rtcnn.alerts``."""
+    from rtcnn.catalog import read_catalog
+    from rtcnn.io import read_pair
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    table = read_catalog(args.catalog)
+    check_columns(table, args.catalog)
+    ref = args.ref or table.meta.get("ref")
+    new = args.new or table.meta.get("new")
+    if not ref or not new:
+        raise RtcnnInputError(args.catalog, "metadata names no ref/new images; give --ref/--new")
+    check_alert_dir(args.output, args.overwrite)
+    ref_img, new_img = read_pair(ref, new)
+    t0 = time.perf_counter()
+    cut = Path(args.output) / "cutouts" if args.cutouts else None
+    paths = write_alerts(table, ref_img, new_img, args.output, size=args.cutouts or args.size,
+                         overwrite=args.overwrite, cutout_dir=cut)  # fmt: skip
+    log.info("%d packets -> %s (%.2f s)", len(paths), args.output, time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
