@@ -9,7 +9,8 @@ the new image's pixels; catalogs are in the new image's grid and RA/Dec.
 
 Steps
 -----
-1. **Same grid?** (:func:`grid_offset`) The new image's four corners and centre are
+1. **Same grid?** (:func:`rtcnn.io.fits.grid_offset`, also used by
+   :func:`rtcnn.io.read_pair` to refuse a pair on two grids) The new image's four corners and centre are
    mapped through the new WCS to the sky and back through the reference WCS
    (:func:`astropy.wcs.utils.pixel_to_pixel`, which includes SIP distortion). The grids
    are the same when the shapes agree and no point moves by more than
@@ -88,11 +89,10 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import pixel_to_pixel
 
 from rtcnn.errors import RtcnnInputError
-from rtcnn.io.fits import Image, read_pair
+from rtcnn.io.fits import GRID_TOLERANCE, Image, grid_offset, read_pair
 
 log = logging.getLogger(__name__)
 
-GRID_TOLERANCE = 0.01  # px, largest corner disagreement of two WCSs that are "one grid"
 MAP_STEP = 128  # px, spacing of the nodes where the WCS transform is evaluated exactly
 SPLINE_ORDER = 3  # cubic B-spline interpolation of the reference
 EDGE_PX = 1.0  # px, reference border where the cubic spline lacks support (masked)
@@ -112,6 +112,7 @@ __all__ = [
     "AlignInfo",
     "align_pair",
     "grid_offset",
+    "bright_peaks",
     "measure_offset",
     "pixel_map",
     "read_aligned_pair",
@@ -187,40 +188,6 @@ class AlignInfo:
 
 
 # --------------------------------------------------------------------------- geometry
-
-
-def _check_points(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The four corner pixel centres and the centre of a ``(ny, nx)`` image."""
-    ny, nx = shape
-    x = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2.0])
-    y = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2.0])
-    return x, y
-
-
-def grid_offset(ref_wcs: WCS, new_wcs: WCS, new_shape: tuple[int, int]) -> tuple[float, float, float]:
-    """How far the reference grid is from the new one, at the new image's corners.
-
-    Parameters
-    ----------
-    ref_wcs, new_wcs : astropy.wcs.WCS
-        Celestial WCSs (0-based through :func:`~astropy.wcs.utils.pixel_to_pixel`).
-    new_shape : (ny, nx)
-        Shape of the new image.
-
-    Returns
-    -------
-    (max_offset, shift_x, shift_y) : floats, px
-        ``max_offset``: the largest distance between a corner (or the centre) of the new
-        image and the same sky point in reference pixels; ``shift_x, shift_y``: the
-        median reference-minus-new pixel shift of those points (an integer shift with
-        ``max`` deviation <= :data:`GRID_TOLERANCE` means one grid, cropped).
-    """
-    x, y = _check_points(new_shape)
-    xr, yr = pixel_to_pixel(new_wcs, ref_wcs, x, y)
-    dx, dy = np.asarray(xr) - x, np.asarray(yr) - y
-    sx, sy = float(np.median(dx)), float(np.median(dy))
-    dev = float(np.max(np.hypot(dx - round(sx), dy - round(sy))))
-    return dev, sx, sy
 
 
 def pixel_map(new_wcs: WCS, ref_wcs: WCS, new_shape: tuple[int, int],
@@ -636,5 +603,5 @@ def read_aligned_pair(ref_path, new_path, hdu=None, memmap: bool = True, **kwarg
 
     The one call commands use to read a pair; ``kwargs`` go to :func:`align_pair`.
     """
-    ref, new = read_pair(ref_path, new_path, hdu=hdu, memmap=memmap)
+    ref, new = read_pair(ref_path, new_path, hdu=hdu, memmap=memmap, other_grid=True)
     return align_pair(ref, new, **kwargs)

@@ -254,3 +254,17 @@ def test_grid_offset_reports_the_shift():
     dev, sx, sy = grid_offset(ref_wcs, new_wcs, SHAPE)
     assert dev < 1e-6 and math.isclose(sx, 3.0, abs_tol=1e-6) and math.isclose(sy, -2.0,
                                                                                 abs_tol=1e-6)
+
+
+def test_read_pair_refuses_two_grids_that_were_not_aligned(tmp_path):
+    """A same-shape pair with another WCS is never silently taken as aligned."""
+    from rtcnn.io import read_pair
+
+    rng = np.random.default_rng(11)
+    ref_path, new_path, _ = _pair(tmp_path, rng, make_wcs(SHAPE, roll=30.0), SHAPE)
+    with pytest.raises(RtcnnInputError, match=r"new.fits: is on another pixel grid than the "
+                       r"reference .*ref.fits \(WCSs [0-9.]+ px apart\); read the pair with "
+                       r"rtcnn.align.read_aligned_pair"):
+        read_pair(ref_path, new_path)
+    ref, new = read_pair(ref_path, new_path, other_grid=True)
+    assert ref.shape == new.shape

@@ -58,6 +58,7 @@ SCI_EXTNAME = "SCI"
 _FITS_MAGIC = b"SIMPLE  ="
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"PK\x03\x04")
 AB_ZEROPOINT_JY = 1e23 * 10 ** (-0.4 * 48.60)  # Jy (3630.78), flux density of AB mag 0
+GRID_TOLERANCE = 0.01  # px: two WCSs closer than this at an image's corners are one grid
 
 
 @dataclass
@@ -296,13 +297,21 @@ def read_image(path: str | os.PathLike, hdu: int | str | None = None,
 
 
 def read_pair(ref: str | os.PathLike, new: str | os.PathLike,
-              hdu: int | str | None = None, memmap: bool = True) -> tuple[Image, Image]:
-    """Read a reference and a new image and check that their shapes agree.
+              hdu: int | str | None = None, memmap: bool = True,
+              other_grid: bool = False) -> tuple[Image, Image]:
+    """Read a reference and a new image on one pixel grid (or, with ``other_grid``, any two).
+
+    Two images are on one grid when their shapes agree and, where both have a WCS, the
+    WCSs agree to :data:`GRID_TOLERANCE` px at the new image's corners
+    (:func:`grid_offset`). A pair on two grids is an error here, never silently treated
+    as aligned: read it with :func:`rtcnn.align.read_aligned_pair`, which passes
+    ``other_grid=True`` and resamples the reference onto the new grid.
 
     Raises
     ------
     RtcnnInputError
-        Anything :func:`read_image` raises, or (naming ``new``) a shape mismatch.
+        Anything :func:`read_image` raises, or (naming ``new``) a shape mismatch when
+        either image has no WCS, or (without ``other_grid``) two pixel grids.
     """
     ref_img = read_image(ref, hdu=hdu, memmap=memmap)
     new_img = read_image(new, hdu=hdu, memmap=memmap)
@@ -312,7 +321,42 @@ def read_pair(ref: str | os.PathLike, new: str | os.PathLike,
             f"shape {_fmt_shape(new_img.shape)} does not match the reference "
             f"{_fmt_shape(ref_img.shape)} ({ref}) and a WCS is missing to align them",
         )
+    if not other_grid and ref_img.wcs is not None and new_img.wcs is not None:
+        offset = grid_offset(ref_img.wcs, new_img.wcs, new_img.shape)[0]
+        if ref_img.shape != new_img.shape or offset > GRID_TOLERANCE:
+            raise RtcnnInputError(
+                new, f"is on another pixel grid than the reference {ref} (WCSs "
+                f"{offset:.3g} px apart); read the pair with rtcnn.align.read_aligned_pair")
     return ref_img, new_img
+
+
+def grid_offset(ref_wcs: WCS, new_wcs: WCS, new_shape: tuple[int, int]
+                ) -> tuple[float, float, float]:
+    """How far the reference pixel grid is from the new one, at the new image's corners.
+
+    The four corner pixel centres and the centre of the new image go to the sky through
+    ``new_wcs`` and back through ``ref_wcs`` (:func:`astropy.wcs.utils.pixel_to_pixel`,
+    0-based, SIP included).
+
+    Returns
+    -------
+    (max_offset, shift_x, shift_y) : floats, px
+        ``shift_x, shift_y``: the median reference-minus-new shift of those points;
+        ``max_offset``: the largest distance of a point from the new position plus that
+        shift rounded to whole pixels (one grid: ``<= GRID_TOLERANCE`` with a zero
+        shift; a crop of one grid: ``<= GRID_TOLERANCE`` with an integer shift).
+    """
+    from astropy.wcs.utils import pixel_to_pixel
+
+    ny, nx = new_shape
+    x = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2.0])
+    y = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2.0])
+    xr, yr = pixel_to_pixel(new_wcs, ref_wcs, x, y)
+    dx, dy = np.asarray(xr, dtype=float) - x, np.asarray(yr, dtype=float) - y
+    if not (np.isfinite(dx).all() and np.isfinite(dy).all()):
+        return math.inf, math.nan, math.nan
+    sx, sy = float(np.median(dx)), float(np.median(dy))
+    return float(np.max(np.hypot(dx - round(sx), dy - round(sy)))), sx, sy
 
 
 def write_image(path: str | os.PathLike, data: np.ndarray,
