@@ -116,10 +116,10 @@ def photometric_dmag(truth: Table, ref_path, new_path) -> np.ndarray | None:
     (M,) float64 or None
         None when either image has no zero point.
     """
-    from rtcnn.io import read_pair
+    from rtcnn.align import read_aligned_pair
     from rtcnn.photometry import image_aperture_correction, magdiff
 
-    ref, new = read_pair(ref_path, new_path)
+    ref, new, _ = read_aligned_pair(ref_path, new_path)  # reference on the new grid
     if ref.zeropoint is None or new.zeropoint is None or len(truth) == 0:
         return None
     xy = np.column_stack([_masked_float(truth, "x"), _masked_float(truth, "y")])
