@@ -28,6 +28,7 @@ demo: env  ## simulate the default data (if absent), train attn5 briefly on CPU,
 	$(PY) -m rtcnn.demo
 
 test: env  ## run the fast test suite on CPU
+	@.ci/browser-deps $(PY)  # chromium + chromedriver + selenium for tests/test_vet.py, when missing
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-full: env  ## run every test, slow ones included
