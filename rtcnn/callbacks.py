@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from rtcnn.io.fits import write_atomically
+from rtcnn.io.pairdir import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` through a temporary file in ``path``'s folder + rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomically(path, lambda fh: torch.save(obj, fh))
+    return atomic_write(path, True, lambda tmp: torch.save(obj, tmp))
 
 
 __all__ = ["AtomicCheckpointIO", "InterruptCheckpoint", "StepSeed", "atomic_torch_save",

@@ -14,15 +14,14 @@ score             detection score (network probability, or S/N for the baseline)
 
 The table metadata names the inputs (``ref``, ``new``), the ``model`` (checkpoint
 or ``baseline``), the ``threshold`` and the package version. :func:`write_catalog`
-writes atomically (temporary file + :func:`os.replace`) and never replaces an
+writes atomically (:func:`rtcnn.io.pairdir.atomic_write`) and never replaces an
 existing file unless asked; :func:`write_ds9_regions` writes a DS9 region file.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import astropy.units as u
@@ -31,7 +30,9 @@ from astropy.table import Table
 
 from rtcnn import __version__
 from rtcnn.errors import RtcnnInputError
-from rtcnn.postprocess import Sources, pixel_to_sky
+from rtcnn.io.fits import pixel_to_sky
+from rtcnn.io.pairdir import atomic_write  # the one atomic writer (also used via this name)
+from rtcnn.postprocess import Sources
 
 CATALOG_COLUMNS = ("x", "y", "ra", "dec", "dmag", "brightened", "score")
 CATALOG_UNITS = {"x": u.pix, "y": u.pix, "ra": u.deg, "dec": u.deg, "dmag": u.mag}
@@ -97,7 +98,7 @@ def make_catalog(
                "brightened": len(brightened)}  # fmt: skip
     if len(set(lengths.values())) != 1:
         raise RtcnnInputError(None, f"catalog columns have different lengths: {lengths}")
-    ra, dec = pixel_to_sky(x, y, wcs, path=meta.get("new"))
+    ra, dec = pixel_to_sky(wcs, x, y, path=meta.get("new"))
     order = np.argsort(-score, kind="stable")
     table = Table()
     for name, values in zip(CATALOG_COLUMNS, (x, y, ra, dec, dmag, brightened, score)):
@@ -116,36 +117,6 @@ def catalog_from_sources(sources: Sources, wcs, meta: Mapping | None = None) -> 
     return make_catalog(
         sources.x, sources.y, sources.score, sources.dmag, sources.brightened, wcs, meta
     )
-
-
-def atomic_write(path: str | os.PathLike, overwrite: bool, writer: Callable[[str], None]) -> Path:
-    """Write a file atomically: ``writer(tmp_path)`` writes a temporary file beside ``path``,
-    which is then renamed onto ``path`` (:func:`os.replace`); on failure it is removed.
-
-    Raises
-    ------
-    RtcnnInputError
-        ``path`` exists and ``overwrite`` is False, is a directory, or its directory is
-        missing (checked before ``writer`` runs).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise RtcnnInputError(path, "is a directory; give a file name")
-    if path.exists() and not overwrite:
-        raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise RtcnnInputError(path, f"output directory {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_catalog(table: Table, path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -1,21 +1,29 @@
 """Command-line pieces shared by the catalog commands (:mod:`rtcnn.detect`, :mod:`rtcnn.baseline`).
 
 Both take ``REF.fits NEW.fits -o CATALOG`` or ``DIR_OR_GLOB -o OUTDIR``, write
-``OUTDIR/<pair name>.ecsv`` (and ``.reg`` with ``--regions``) per pair, refuse to replace an
-existing output before any work is done, skip an unusable pair of a directory and name it
-at the end (``--strict`` stops at the first), and fail only when no pair was usable.
+``OUTDIR/<pair name>.ecsv`` (and ``.reg`` with ``--regions``) per pair, refuse before any
+work is done an output that exists (without ``--overwrite``), collides with another output
+or is an input, skip an unusable pair of a directory and name it at the end (``--strict``
+stops at the first), and fail only when no pair was usable.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from rtcnn.errors import RtcnnInputError
-from rtcnn.io import find_pairs
+from rtcnn.io.pairdir import (
+    check_output,
+    check_output_dir,
+    find_pairs,
+    make_output_dir,
+    output_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +57,15 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pair_jobs(inputs: Sequence[str], output: str, regions: str | None = None) -> list[PairJob]:
-    """The pairs of a command line and their output paths.
+    """The pairs of a command line and their output paths; creates nothing.
 
     Parameters
     ----------
     inputs : sequence of str
         ``[REF, NEW]`` (one pair) or ``[DIR_OR_GLOB]`` (:func:`rtcnn.io.find_pairs`).
     output : str
-        The catalog (one pair) or the output directory (created if missing).
+        The catalog (one pair) or the output directory (several pairs; it is created by
+        :func:`make_output_dirs` once the command is ready to write).
     regions : str or None
         None: no region files; ``""``: next to each catalog with ``.reg``; a path: that
         file (one pair only; with several pairs ``<name>.reg`` in the output directory).
@@ -64,6 +73,12 @@ def pair_jobs(inputs: Sequence[str], output: str, regions: str | None = None) ->
     Returns
     -------
     list of PairJob
+
+    Raises
+    ------
+    RtcnnInputError
+        Bad inputs, an output directory that cannot be made, or two pairs whose names
+        give the same output file (:func:`rtcnn.io.pairdir.output_name`).
     """
     if len(inputs) == 2:
         ref, new = (Path(p) for p in inputs)
@@ -73,26 +88,58 @@ def pair_jobs(inputs: Sequence[str], output: str, regions: str | None = None) ->
     if len(inputs) != 1:
         raise RtcnnInputError(None, "give REF NEW, or one directory / glob of pairs")
     pairs = find_pairs(inputs[0])
-    outdir = Path(output)
-    if outdir.exists() and not outdir.is_dir():
-        raise RtcnnInputError(outdir, "is a file; several pairs need an output directory")
-    outdir.mkdir(parents=True, exist_ok=True)
-    jobs = []
+    outdir = check_output_dir(output)
+    jobs, seen = [], {}
     for pf in pairs:
-        safe = pf.name.replace("/", "_")
-        reg = outdir / f"{safe}.reg" if regions is not None else None
-        jobs.append(PairJob(pf.name, pf.ref, pf.new, outdir / f"{safe}.ecsv", reg))
+        stem = output_name(pf.name)
+        catalog = outdir / f"{stem}.ecsv"
+        if stem in seen:
+            raise RtcnnInputError(catalog, f"pairs {seen[stem]} and {pf.name} would write the "
+                                  "same output; rename one of their directories")
+        seen[stem] = pf.name
+        reg = outdir / f"{stem}.reg" if regions is not None else None
+        jobs.append(PairJob(pf.name, pf.ref, pf.new, catalog, reg))
     return jobs
 
 
-def check_outputs(jobs: Sequence[PairJob], overwrite: bool) -> None:
-    """Refuse before any work when an output exists (unless ``overwrite``)."""
-    if overwrite:
-        return
+def check_outputs(jobs: Sequence[PairJob], overwrite: bool, make_dirs: bool = True) -> None:
+    """Refuse, before any work, every output that cannot or must not be written.
+
+    Refused: two outputs with the same path (e.g. ``-o x.reg --regions``), an output
+    that is one of the inputs (any pair's ``ref``/``new``), an existing output without
+    ``overwrite``, a directory or special file, a folder that is missing or cannot be
+    written (:func:`rtcnn.io.pairdir.check_output`). Then, with ``make_dirs``, the
+    output directories are created (:func:`make_output_dirs`).
+    """
+    inputs = [p for job in jobs for p in (job.ref, job.new) if p is not None]
+    owner: dict[str, str] = {}
+    for job in jobs:
+        for kind, path in (("catalog", job.catalog), ("region file", job.regions)):
+            if path is None:
+                continue
+            key = os.path.abspath(path)
+            if key in owner:
+                raise RtcnnInputError(path, f"is both the {owner[key]} and the {kind}; give "
+                                      "them different names")
+            owner[key] = kind if len(jobs) == 1 else f"{kind} of {job.name}"
+    probed: set[Path] = set()
     for job in jobs:
         for path in (job.catalog, job.regions):
-            if path is not None and path.exists():
-                raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
+            if path is None:
+                continue
+            if path.parent.exists() or len(jobs) == 1:
+                check_output(path, overwrite, inputs, probe=path.parent not in probed)
+                probed.add(path.parent)
+            # else: a directory of pairs still to be made (pair_jobs checked that it can be)
+    if make_dirs:
+        make_output_dirs(jobs)
+
+
+def make_output_dirs(jobs: Sequence[PairJob]) -> None:
+    """Create the folders of the outputs (after :func:`check_outputs`)."""
+    for folder in sorted({p.parent for job in jobs for p in (job.catalog, job.regions)
+                          if p is not None}):
+        make_output_dir(folder)
 
 
 def report_skipped(skipped: Sequence[tuple[str, RtcnnInputError]], n_jobs: int,

@@ -195,7 +195,7 @@ def test_write_image_atomic_and_no_overwrite(tmp_path):
     img = read_image(path)
     assert_array_equal(img.data, make_data())
     assert img.zeropoint == pytest.approx(26.41) and img.wcs is not None
-    with pytest.raises(RtcnnInputError, match=r"out.fits: already exists; pass overwrite=True"):
+    with pytest.raises(RtcnnInputError, match=r"out.fits: already exists; pass --overwrite to replace it"):
         write_image(path, make_data(1))
     assert_array_equal(read_image(path).data, make_data())  # untouched
     write_image(path, make_data(2), {"MAGZP": 25.0}, overwrite=True)
@@ -452,3 +452,98 @@ def test_find_pairs_errors(tmp_path):
         find_pairs(tmp_path)
     with pytest.raises(RtcnnInputError, match=r"no image pairs found"):
         find_pairs(str(tmp_path / "x*"))
+
+
+# --------------------------------------------------------------------------- issue 20
+# Inputs read wrong or refused wrongly: scaled integers, 1-plane cubes with SIP, a singular
+# CD matrix, a DQ extension placed first.
+def test_scaled_integer_images_are_converted(tmp_path):
+    raw = np.random.default_rng(1).integers(0, 65535, (NY, NX)).astype(np.uint16)
+    path = tmp_path / "u16.fits"
+    fits.PrimaryHDU(raw, header=make_header()).writeto(path)  # BITPIX 16, BZERO 32768
+    assert fits.getheader(path)["BZERO"] == 32768
+    img = read_image(path)
+    assert img.data.dtype == np.float32 and img.shape == (NY, NX)
+    assert_array_equal(img.data, raw.astype(np.float32))
+    assert img.wcs is not None and img.zeropoint == 26.41
+
+    values = make_data(2)
+    hdu = fits.PrimaryHDU(values.copy(), header=make_header())
+    hdu.scale("int16", bscale=1e-4, bzero=0.0)
+    hdu.writeto(tmp_path / "i16.fits")
+    assert fits.getheader(tmp_path / "i16.fits")["BSCALE"] == 1e-4
+    img = read_image(tmp_path / "i16.fits")
+    assert img.data.dtype == np.float32
+    assert_allclose(img.data, values, atol=0.6e-4)
+
+
+def test_one_plane_cube_with_sip_reads_its_wcs(tmp_path):
+    hdr = make_header()
+    sip = WCS(hdr)
+    sip.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    from astropy.wcs import Sip
+
+    a = np.zeros((3, 3))
+    b = np.zeros((3, 3))
+    a[2, 0], b[0, 2] = 1e-6, -2e-6
+    sip.sip = Sip(a, b, None, None, sip.wcs.crpix)
+    hdr.update(sip.to_header(relax=True))
+    path2, path3 = tmp_path / "plane.fits", tmp_path / "cube.fits"
+    fits.PrimaryHDU(make_data(), header=hdr).writeto(path2)
+    fits.PrimaryHDU(make_data()[None], header=hdr).writeto(path3)
+    assert fits.getheader(path3)["NAXIS"] == 3
+    flat, cube = read_image(path2), read_image(path3)
+    assert cube.wcs is not None, cube.wcs_problem
+    assert cube.wcs.sip is not None
+    x, y = np.array([0.0, 17.0, NX - 1.0]), np.array([0.0, 30.0, NY - 1.0])
+    assert_allclose(np.array(pixel_to_sky(cube, x, y)), np.array(pixel_to_sky(flat, x, y)),
+                    rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cd", [(0.0, 0.0, 0.0, 0.0), (1e-5, 2e-5, 1e-5, 2e-5)],
+                         ids=["zero", "singular"])
+def test_singular_cd_matrix_gives_no_wcs(tmp_path, cd):
+    hdr = make_header()
+    for key in ("CDELT1", "CDELT2"):
+        hdr.remove(key, ignore_missing=True)
+    for key, value in zip(("CD1_1", "CD1_2", "CD2_1", "CD2_2"), cd):
+        hdr[key] = value
+    path = tmp_path / "bad.fits"
+    fits.PrimaryHDU(make_data(), header=hdr).writeto(path)
+    img = read_image(path)
+    assert img.wcs is None
+    assert "singular" in img.wcs_problem
+    with pytest.raises(RtcnnInputError, match=r"bad\.fits: the header WCS is unusable "
+                       r"\(its CD/PC matrix is singular\); a WCS is needed"):
+        pixel_to_sky(img, [1.0], [2.0])
+
+
+def test_dq_extension_first_is_not_the_image(tmp_path, caplog):
+    path = tmp_path / "dqfirst.fits"
+    sci = make_data()
+    fits.HDUList([
+        fits.PrimaryHDU(),
+        fits.ImageHDU(np.zeros((NY, NX), np.int32), name="DQ"),
+        fits.ImageHDU(sci, header=make_header(), name="IMAGE"),
+    ]).writeto(path)
+    img = read_image(path)
+    assert img.hdu == 2
+    assert_array_equal(img.data, sci)
+    # the primary HDU holding the DQ plane, the image in an extension named SCI
+    path = tmp_path / "dqprimary.fits"
+    fits.HDUList([
+        fits.PrimaryHDU(np.zeros((NY, NX), np.int16)),
+        fits.ImageHDU(sci, header=make_header(), name="SCI"),
+    ]).writeto(path)
+    assert read_image(path).hdu == 1
+
+
+def test_constant_image_is_read_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "flat.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((NY, NX), np.int32), name="DQ")]
+                 ).writeto(path)
+    with caplog.at_level(logging.WARNING, logger="rtcnn.io.fits"):
+        img = read_image(path)
+    assert img.hdu == 1
+    assert any(r.levelno == logging.WARNING and f"{path}: the image (HDU 1:DQ) is constant "
+               "(every pixel 0)" in r.getMessage() for r in caplog.records), caplog.text

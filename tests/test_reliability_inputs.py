@@ -436,3 +436,122 @@ def test_evaluate_on_a_split_without_tiles_is_one_line(good, loc_run, tmp_path, 
                                   "few pairs for data.val_fraction/test_fraction, or "
                                   "data.split=region for one pair); evaluate other splits "
                                   "with splits=[...]")
+
+
+# --------------------------------------------------------------------------- issue 20
+# Inputs read wrong, or refused wrongly (points 10, 11, 12, 14, 17).
+def _rewrite(path: Path, make) -> None:
+    """Replace the FITS file ``path`` by ``make(data, header)`` (an HDUList)."""
+    with fits.open(path) as hdul:
+        data, header = hdul[0].data.copy(), hdul[0].header.copy()
+    path.unlink()
+    make(data, header).writeto(path)
+
+
+def _pair_copy(good: Path, where: Path) -> Path:
+    d = where / "pair"
+    shutil.copytree(good, d)
+    return d
+
+
+@pytest.mark.parametrize("how", ["uint16-bzero", "int16-bscale"])
+def test_scaled_integer_pair_is_read(how, good, tmp_path, capsys):
+    """Valid FITS with BZERO/BSCALE give the same catalog as the float images they encode."""
+    from rtcnn.baseline import main
+
+    d = _pair_copy(good, tmp_path)
+
+    def scaled(data, header):
+        hdu = fits.PrimaryHDU(data.astype(np.float32), header=header)
+        if how == "uint16-bzero":  # counts of 0.001 e-/s around 30000 (BZERO = 32768)
+            hdu.data = np.round(data / 1e-3 + 30000).clip(0, 65535).astype(np.uint16)
+        else:
+            hdu.scale("int16", bscale=float(np.abs(data).max()) / 30000, bzero=0.0)
+        return fits.HDUList([hdu])
+
+    for name in (REF, NEW):
+        _rewrite(d / name, scaled)
+    assert ("BZERO" if how == "uint16-bzero" else "BSCALE") in fits.getheader(d / NEW)
+    assert run_cli(main, [d / REF, d / NEW, "-o", tmp_path / "c.ecsv"]) == 0, \
+        capsys.readouterr().err
+    assert len(Table.read(tmp_path / "c.ecsv", format="ascii.ecsv")) > 0
+
+
+def test_one_plane_cube_pair_with_sip_header(good, tmp_path, capsys):
+    """The simulator's own TAN-SIP header on a NAXIS3 = 1 cube: same catalog, same RA/Dec."""
+    from rtcnn.baseline import main
+
+    d = _pair_copy(good, tmp_path)
+    assert "A_ORDER" in fits.getheader(d / NEW)
+    assert run_cli(main, [d / REF, d / NEW, "-o", tmp_path / "flat.ecsv"]) == 0
+    for name in (REF, NEW):
+        _rewrite(d / name, lambda data, header: fits.HDUList([fits.PrimaryHDU(data[None],
+                                                                              header)]))
+    assert fits.getheader(d / NEW)["NAXIS"] == 3
+    assert run_cli(main, [d / REF, d / NEW, "-o", tmp_path / "cube.ecsv"]) == 0, \
+        capsys.readouterr().err
+    flat, cube = (Table.read(tmp_path / n, format="ascii.ecsv") for n in ("flat.ecsv",
+                                                                           "cube.ecsv"))
+    assert len(flat) > 0 and len(cube) == len(flat)
+    for col in ("x", "y", "ra", "dec"):
+        np.testing.assert_allclose(cube[col], flat[col], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("cmd", ["detect", "baseline"])
+def test_singular_cd_matrix_is_one_line(cmd, good, det_ckpt, tmp_path, monkeypatch, capsys):
+    """A zero CD matrix: no wrong RA/Dec with exit 0, but one line naming the file."""
+    d = _pair_copy(good, tmp_path)
+
+    def zero_cd(data, header):
+        for key in ("CD1_1", "CD1_2", "CD2_1", "CD2_2"):
+            header[key] = 0.0
+        return fits.HDUList([fits.PrimaryHDU(data, header)])
+
+    for name in (REF, NEW):
+        _rewrite(d / name, zero_cd)
+    assert command(cmd, d, tmp_path, monkeypatch, det_ckpt) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"rtcnn: error: {d / NEW}: the header WCS is unusable (its CD/PC "
+                           "matrix is singular)"), line
+
+
+def test_dq_extension_placed_first_is_not_the_image(good, tmp_path, capsys):
+    from rtcnn.baseline import main
+
+    d = _pair_copy(good, tmp_path)
+    ref_cat = tmp_path / "plain.ecsv"
+    assert run_cli(main, [d / REF, d / NEW, "-o", ref_cat]) == 0
+
+    def dq_first(data, header):
+        return fits.HDUList([fits.PrimaryHDU(np.zeros(data.shape, np.int32)),
+                             fits.ImageHDU(data, header, name="SCI")])
+
+    for name in (REF, NEW):
+        _rewrite(d / name, dq_first)
+    assert run_cli(main, [d / REF, d / NEW, "-o", tmp_path / "mef.ecsv"]) == 0, \
+        capsys.readouterr().err
+    plain = Table.read(ref_cat, format="ascii.ecsv")
+    mef = Table.read(tmp_path / "mef.ecsv", format="ascii.ecsv")
+    assert len(plain) > 0 and len(mef) == len(plain)
+    np.testing.assert_allclose(mef["x"], plain["x"], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("ny, nx", [(10, 4000), (1, 1)])
+def test_too_small_image_is_reported_as_it_is(ny, nx, good, det_ckpt, tmp_path, monkeypatch,
+                                              capsys):
+    """The detector names the new image and its real size (not the size padded to the
+    network stride). (The baseline works on a 10 x 4000 px image, and a 1 x 1 px one is
+    "fewer than 100 unmasked pixels" for it, already one line naming the file.)"""
+    d = _pair_copy(good, tmp_path)
+    rng = np.random.default_rng(3)
+
+    def small(data, header):
+        return fits.HDUList([fits.PrimaryHDU(rng.normal(0, 1, (ny, nx)).astype(np.float32),
+                                             header)])
+
+    for name in (REF, NEW):
+        _rewrite(d / name, small)
+    assert command("detect", d, tmp_path, monkeypatch, det_ckpt) == 2
+    line = error_line(capsys)
+    assert line == (f"rtcnn: error: {d / NEW}: image {nx} x {ny} px is too small: the detector "
+                    "needs at least 32 x 32 px"), line

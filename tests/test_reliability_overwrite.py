@@ -15,10 +15,11 @@ import pytest
 import torch
 from astropy.table import Table
 
-from test_reliability_inputs import (  # noqa: F401 - det_ckpt and good are fixtures
+from test_reliability_inputs import (  # noqa: F401 - candidates, det_ckpt, good: fixtures
     NEW,
     REF,
     TRUTH,
+    candidates,
     det_ckpt,
     error_line,
     good,
@@ -192,3 +193,261 @@ def test_the_trainer_config_writes_checkpoints_atomically():
     GlobalHydra.instance().clear()
     trainer = hydra.utils.instantiate(cfg, default_root_dir=None, logger=False)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# --------------------------------------------------------------------------- issue 20
+# "Nothing lost, nothing overwritten": concurrent writers, colliding outputs, outputs that
+# are inputs, bench JSON, permissions and special files, impossible output paths.
+def _catalog_table() -> Table:
+    return Table({"x": [1.0, 2.0], "y": [3.0, 4.0], "score": [0.9, 0.8]})
+
+
+def test_concurrent_writers_of_one_output_exactly_one_wins(tmp_path):
+    """Two writers that both passed the existence check: one file, one one-line error."""
+    import threading
+
+    from rtcnn.catalog import atomic_write
+    from rtcnn.errors import RtcnnInputError
+
+    path = tmp_path / "c.ecsv"
+    barrier = threading.Barrier(2, timeout=30)
+    results = {}
+
+    def run(tag):
+        def writer(tmp):
+            barrier.wait()  # both are past the check; now both write and rename
+            Path(tmp).write_text(f"{tag}\n")
+
+        try:
+            atomic_write(path, False, writer)
+            results[tag] = "ok"
+        except RtcnnInputError as err:
+            results[tag] = str(err)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in ("A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [t for t, r in results.items() if r == "ok"]
+    assert len(winners) == 1, results
+    loser = ({"A", "B"} - set(winners)).pop()
+    assert results[loser] == f"{path}: already exists; pass --overwrite to replace it"
+    assert path.read_text() == f"{winners[0]}\n"
+    assert no_temp_files(tmp_path)
+
+
+def test_output_made_by_another_process_meanwhile_is_kept(tmp_path, monkeypatch):
+    from astropy.io import ascii
+
+    from rtcnn.catalog import write_catalog
+    from rtcnn.errors import RtcnnInputError
+
+    path = tmp_path / "c.ecsv"
+
+    def slow_write(self, target, *args, **kwargs):
+        path.write_text(KEEP)  # the other process finishes first
+        ascii.write(self, target, format="ecsv", overwrite=True)
+
+    monkeypatch.setattr(Table, "write", slow_write)
+    with pytest.raises(RtcnnInputError, match="already exists; pass --overwrite"):
+        write_catalog(_catalog_table(), path)
+    monkeypatch.undo()
+    assert path.read_text() == KEEP
+    assert no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["reg-named-catalog", "regions-equal-catalog"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_colliding_outputs_are_refused_before_writing(how, overwrite, good, tmp_path, capsys):
+    from rtcnn.baseline import main
+
+    out = tmp_path / ("x.reg" if how == "reg-named-catalog" else "x.ecsv")
+    regions = ["--regions"] if how == "reg-named-catalog" else ["--regions", out]
+    argv = [good / REF, good / NEW, "-o", out, *regions]
+    if overwrite:
+        out.write_text(KEEP)
+        argv.append("--overwrite")
+    assert run_cli(main, argv) == 2
+    assert error_line(capsys) == (f"rtcnn: error: {out}: is both the catalog and the region "
+                                  "file; give them different names")
+    assert (out.read_text() == KEEP) if overwrite else not out.exists()
+    assert no_temp_files(tmp_path)
+
+
+def test_pair_name_collision_is_refused_up_front(good, tmp_path, capsys):
+    import shutil
+
+    from rtcnn.baseline import main
+
+    root = tmp_path / "coll"
+    for rel in ("x/a_b/p", "x_a/b/p"):
+        shutil.copytree(good, root / rel)
+    outdir = tmp_path / "out"
+    assert run_cli(main, [root, "-o", outdir]) == 2
+    assert error_line(capsys) == (f"rtcnn: error: {outdir / 'x_a_b_p.ecsv'}: pairs x/a_b/p "
+                                  "and x_a/b/p would write the same output; rename one of "
+                                  "their directories")
+    assert not outdir.exists()
+
+
+@pytest.mark.parametrize("cmd", ["detect", "baseline"])
+def test_an_output_is_never_an_input(cmd, good, det_ckpt, tmp_path, capsys):
+    import shutil
+
+    from rtcnn.baseline import main as baseline
+    from rtcnn.detect import main as detect
+
+    d = tmp_path / "pair"
+    shutil.copytree(good, d)
+    before = {n: (d / n).read_bytes() for n in (REF, NEW)}
+    main, extra = ((detect, ["--ckpt", det_ckpt, "--threshold", "0.001", "--no-progress"])
+                   if cmd == "detect" else (baseline, []))
+    for target in (NEW, REF):
+        assert run_cli(main, [d / REF, d / NEW, "-o", d / target, "--overwrite", *extra]) == 2
+        assert error_line(capsys) == (f"rtcnn: error: {d / target}: is an input of this "
+                                      f"command ({d / target}); an output never replaces an "
+                                      "input")
+    # a region file that is an input, too
+    assert run_cli(main, [d / REF, d / NEW, "-o", tmp_path / "c.ecsv", "--regions", d / NEW,
+                          "--overwrite", *extra]) == 2  # fmt: skip
+    assert "an output never replaces an input" in error_line(capsys)
+    assert {n: (d / n).read_bytes() for n in (REF, NEW)} == before
+    assert not (tmp_path / "c.ecsv").exists()
+
+
+def test_score_json_is_never_an_input(good, candidates, tmp_path, capsys):
+    import shutil
+
+    from rtcnn.score import main
+
+    cat = tmp_path / "cands.ecsv"
+    shutil.copy(candidates, cat)
+    truth = tmp_path / "truth.ecsv"
+    shutil.copy(good / TRUTH, truth)
+    before = cat.read_bytes(), truth.read_bytes()
+    for target in (cat, truth):
+        assert run_cli(main, [cat, "--truth", truth, "--json", target, "--overwrite"]) == 2
+        assert "an output never replaces an input" in error_line(capsys)
+    assert (cat.read_bytes(), truth.read_bytes()) == before
+
+
+def test_bench_json_is_not_overwritten_without_overwrite(good, tmp_path, capsys):
+    from rtcnn.bench import main
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    target = out / "bench-data.json"
+    target.write_text(KEEP)
+    argv = ["data", "--out", out, "--data", good.parent, "--size", "128", "--repeats", "1",
+            "--workers", "0"]
+    assert run_cli(main, argv) == 2
+    assert error_line(capsys) == (f"rtcnn: error: {target}: already exists; pass --overwrite "
+                                  "to replace it")
+    assert target.read_text() == KEEP
+    assert "tiles_per_s" not in capsys.readouterr().out  # refused before any work
+
+
+def test_bench_json_is_written_atomically(good, tmp_path, monkeypatch):
+    import json
+
+    from rtcnn import bench
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    target = out / "bench-data.json"
+    target.write_text(KEEP)
+
+    def crash(*args, **kwargs):  # the process dies while the JSON is being written
+        raise Crash("killed")
+
+    monkeypatch.setattr(bench.json, "dump", crash)
+    monkeypatch.setattr(bench.json, "dumps", crash)
+    argv = ["data", "--out", out, "--data", good.parent, "--size", "128", "--repeats", "1",
+            "--workers", "0", "--overwrite"]
+    with pytest.raises(Crash):
+        bench.main([str(a) for a in argv])
+    assert target.read_text() == KEEP and no_temp_files(out)
+    monkeypatch.undo()
+    assert run_cli(bench.main, argv) == 0
+    assert "data" in json.loads(target.read_text())
+
+
+def test_new_outputs_respect_the_umask(tmp_path):
+    import os
+    import stat
+
+    from rtcnn.catalog import write_catalog, write_ds9_regions
+
+    old = os.umask(0o022)
+    try:
+        write_catalog(_catalog_table(), tmp_path / "a.ecsv")
+        write_ds9_regions(_catalog_table(), tmp_path / "a.reg")
+        os.umask(0o027)
+        write_catalog(_catalog_table(), tmp_path / "b.ecsv")
+    finally:
+        os.umask(old)
+    mode = {n: stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("a.ecsv", "a.reg", "b.ecsv")}
+    assert mode == {"a.ecsv": 0o644, "a.reg": 0o644, "b.ecsv": 0o640}
+
+
+def test_overwrite_keeps_the_mode_of_the_replaced_file(tmp_path):
+    import os
+    import stat
+
+    from rtcnn.catalog import write_catalog
+
+    path = tmp_path / "c.ecsv"
+    for mode in (0o644, 0o664, 0o600):
+        path.write_text(KEEP)
+        os.chmod(path, mode)
+        write_catalog(_catalog_table(), path, overwrite=True)
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+        assert path.read_text() != KEEP
+
+
+def test_overwrite_refuses_special_files(tmp_path):
+    import os
+    import stat
+
+    from rtcnn.catalog import write_catalog
+    from rtcnn.errors import RtcnnInputError
+
+    fifo = tmp_path / "pipe.ecsv"
+    os.mkfifo(fifo)
+    with pytest.raises(RtcnnInputError, match="is not a regular file .* refusing to replace"):
+        write_catalog(_catalog_table(), fifo, overwrite=True)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["proc", "under-a-file"])
+@pytest.mark.parametrize("cmd", ["detect", "baseline"])
+def test_impossible_output_paths_are_one_line(where, cmd, good, det_ckpt, tmp_path, capsys):
+    from rtcnn.baseline import main as baseline
+    from rtcnn.detect import main as detect
+
+    main, extra = ((detect, ["--ckpt", det_ckpt, "--threshold", "0.001", "--no-progress"])
+                   if cmd == "detect" else (baseline, []))
+    afile = tmp_path / "afile"
+    afile.write_text(KEEP)
+    out = Path("/proc/x.ecsv") if where == "proc" else afile / "sub"
+    assert run_cli(main, [good / REF, good / NEW, "-o", out, *extra]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"rtcnn: error: {out}: "), line
+    assert "cannot be written" in line if where == "proc" else f"{afile} is a file" in line
+    # directory mode: the output directory cannot be made
+    assert run_cli(main, [good.parent, "-o", out, *extra]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"rtcnn: error: {out}: "), line
+    assert afile.read_text() == KEEP
+
+
+def test_missing_checkpoint_leaves_no_output_tree(good, tmp_path, capsys):
+    from rtcnn.detect import main
+
+    outdir = tmp_path / "new" / "tree"
+    missing = tmp_path / "missing.ckpt"
+    assert run_cli(main, [good.parent, "--ckpt", missing, "-o", outdir, "--no-progress"]) == 2
+    assert str(missing) in error_line(capsys)
+    assert not (tmp_path / "new").exists()

@@ -1,4 +1,4 @@
-"""Truth / source catalogs and pair directories.
+"""Truth / source catalogs.
 
 :func:`read_truth` reads ECSV, FITS binary tables, or text tables with a header line, and
 returns an astropy Table whose ``x``, ``y`` columns are **0-based pixel centres**
@@ -11,16 +11,14 @@ returns an astropy Table whose ``x``, ``y`` columns are **0-based pixel centres*
 3. RA/Dec columns (:data:`RA_COLUMNS` / :data:`DEC_COLUMNS`; deg unless the column
    carries an angle unit) through the image WCS (``world_to_pixel``, 0-based).
 
-:func:`find_pairs` finds the simulator's layout ``DIR/<pair>/ref.fits, new.fits,
-truth.ecsv`` (or one pair directory, or a glob of them).
+Pair directories (``ref.fits``, ``new.fits``, ``truth.ecsv``) are found by
+:func:`rtcnn.io.pairdir.find_pairs`.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,21 +41,6 @@ RA_COLUMNS = ("ra", "ra_deg", "raj2000", "ra_icrs", "alpha_j2000", "alpha")
 DEC_COLUMNS = ("dec", "dec_deg", "dej2000", "decj2000", "de_icrs", "delta_j2000", "delta")
 #: Table metadata key declaring the origin of the pixel columns (0 or 1; default 0).
 PIXEL_ORIGIN_META = "pixel_origin"
-
-#: File names the simulator writes in each pair directory.
-REF_NAME = "ref.fits"
-NEW_NAME = "new.fits"
-TRUTH_NAMES = ("truth.ecsv", "truth.fits", "truth.csv")
-
-
-@dataclass(frozen=True)
-class PairFiles:
-    """Paths of one image pair. ``ref``/``new`` may not exist (reading them then says so)."""
-
-    ref: Path
-    new: Path
-    truth: Path | None
-    name: str
 
 
 def read_truth(path: str | os.PathLike, image: Image | None = None,
@@ -98,66 +81,6 @@ def read_truth(path: str | os.PathLike, image: Image | None = None,
         _add_sky(table, image)
         _check_footprint(table, p, image)
     return table
-
-
-def find_pairs(root: str | os.PathLike, ref_name: str = REF_NAME, new_name: str = NEW_NAME,
-               truth_names: tuple[str, ...] = TRUTH_NAMES) -> list[PairFiles]:
-    """Find image pairs under a directory, in one pair directory, or from a glob.
-
-    A pair directory holds ``ref_name`` and/or ``new_name`` (one missing still yields a
-    pair, so that reading it names the missing file) and optionally a truth catalog
-    (first of ``truth_names`` present). A directory that is not itself a pair directory
-    is searched recursively. A glob (``*``, ``?``, ``[``) may match pair directories or
-    files inside them.
-
-    Returns
-    -------
-    list of PairFiles
-        Sorted by path; ``name`` is the directory name (or the path relative to the
-        common parent when names repeat).
-
-    Raises
-    ------
-    RtcnnInputError
-        ``root`` does not exist, or no pair is found.
-    """
-    text = os.fspath(root)
-    if any(c in text for c in "*?["):
-        matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-        dirs = {m if m.is_dir() else m.parent for m in matches}
-        dirs = {d for d in dirs if _is_pair_dir(d, ref_name, new_name)}
-    else:
-        base = Path(text)
-        if not base.exists():
-            raise RtcnnInputError(base, "no such file or directory")
-        if not base.is_dir():
-            raise RtcnnInputError(base, "is a file; give a directory of pairs or a glob")
-        if _is_pair_dir(base, ref_name, new_name):
-            dirs = {base}
-        else:
-            dirs = {f.parent for name in (ref_name, new_name) for f in base.rglob(name)}
-    if not dirs:
-        raise RtcnnInputError(
-            text, f"no image pairs found (expected {ref_name} and {new_name} in this "
-            "directory or in its subdirectories)"
-        )
-    ordered = sorted(dirs, key=lambda d: str(d))
-    names = [d.name for d in ordered]
-    if len(set(names)) != len(names):
-        common = Path(os.path.commonpath([str(d.resolve()) for d in ordered]))
-        names = [d.resolve().relative_to(common).as_posix() for d in ordered]
-    pairs = []
-    for d, name in zip(ordered, names):
-        truth = next((d / t for t in truth_names if (d / t).is_file()), None)
-        pairs.append(PairFiles(d / ref_name, d / new_name, truth, name))
-    return pairs
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _is_pair_dir(d: Path, ref_name: str, new_name: str) -> bool:
-    return d.is_dir() and ((d / ref_name).exists() or (d / new_name).exists())
 
 
 def read_table(path: str | os.PathLike, format: str | None = None) -> Table:
@@ -201,7 +124,8 @@ def read_table(path: str | os.PathLike, format: str | None = None) -> Table:
         raise RtcnnInputError(p, f"cannot be read as a {format} table ({msg})") from None
 
 
-_read_table = read_table  # old private name, still used by rtcnn.io.openuniverse
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _first_table_hdu(p: Path) -> int:

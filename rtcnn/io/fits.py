@@ -1,4 +1,4 @@
-"""FITS images: choose the image HDU, read it lazily, find the zero point, write atomically.
+"""FITS images: choose the image HDU, read it lazily, find the zero point, write one.
 
 This is one of the two places (with :mod:`rtcnn.sim`'s writer) where FITS's 1-based
 pixel convention meets the package's 0-based one (:mod:`rtcnn`). The rule here is
@@ -28,19 +28,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS, FITSFixedWarning, SingularMatrixError
 
 from rtcnn.errors import RtcnnInputError
+from rtcnn.io.pairdir import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,10 @@ _FITS_MAGIC = b"SIMPLE  ="
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"PK\x03\x04")
 AB_ZEROPOINT_JY = 1e23 * 10 ** (-0.4 * 48.60)  # Jy (3630.78), flux density of AB mag 0
 GRID_TOLERANCE = 0.01  # px: two WCSs closer than this at an image's corners are one grid
+#: A CD/PC matrix with |det| <= (WCS_SINGULAR_RTOL * its largest element)^2 is singular.
+WCS_SINGULAR_RTOL = 1e-6
+#: px: largest miss of a pixel -> sky -> pixel round trip for a WCS to be trusted.
+WCS_ROUNDTRIP_TOL = 0.01
 
 
 @dataclass
@@ -185,32 +188,45 @@ class Image:
         )
 
 
-def pixel_to_sky(image: Image, x, y):
-    """0-based pixel ``(x, y)`` → ``(ra, dec)`` in deg (arrays of float64)."""
-    coord = image.require_wcs("convert pixels to RA/Dec").pixel_to_world(
-        np.asarray(x, dtype=float), np.asarray(y, dtype=float))
-    return coord.ra.deg, coord.dec.deg
+def pixel_to_sky(source: Image | WCS | None, x, y, path: str | os.PathLike | None = None):
+    """0-based pixel ``(x, y)`` → ``(ra, dec)`` in deg (float64 arrays, RA in [0, 360)).
+
+    ``source`` is an :class:`Image` or a celestial :class:`~astropy.wcs.WCS`; the values
+    are in the WCS's own frame (``pixel_to_world_values``, 0-based, SIP included).
+    ``path`` names the file in the error when there is no WCS.
+
+    Raises
+    ------
+    RtcnnInputError
+        No celestial WCS (the image's ``wcs_problem`` says why).
+    """
+    wcs = _celestial(source, path, "convert pixels to RA/Dec")
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size == 0:
+        return np.zeros(x.shape), np.zeros(y.shape)
+    ra, dec = wcs.pixel_to_world_values(x, y)
+    return np.mod(np.asarray(ra, dtype=np.float64), 360.0), np.asarray(dec, dtype=np.float64)
 
 
-def sky_to_pixel(image: Image, ra, dec):
-    """``(ra, dec)`` in deg → 0-based pixel ``(x, y)`` (arrays of float64)."""
-    from astropy.coordinates import SkyCoord
+def sky_to_pixel(source: Image | WCS | None, ra, dec, path: str | os.PathLike | None = None):
+    """``(ra, dec)`` in deg → 0-based pixel ``(x, y)`` (float64 arrays); inverse of
+    :func:`pixel_to_sky`."""
+    wcs = _celestial(source, path, "convert RA/Dec to pixels")
+    ra, dec = np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64)
+    if ra.size == 0:
+        return np.zeros(ra.shape), np.zeros(dec.shape)
+    x, y = wcs.world_to_pixel_values(ra, dec)
+    return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
 
-    wcs = image.require_wcs("convert RA/Dec to pixels")
-    coord = SkyCoord(np.asarray(ra, dtype=float), np.asarray(dec, dtype=float), unit="deg",
-                     frame=_wcs_frame(wcs))
-    x, y = wcs.world_to_pixel(coord)
-    return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
 
-
-def _wcs_frame(wcs: WCS) -> str:
-    """The celestial frame of ``wcs`` as a SkyCoord frame name (default ICRS)."""
-    from astropy.wcs.utils import wcs_to_celestial_frame
-
-    try:
-        return wcs_to_celestial_frame(wcs).name
-    except (ValueError, TypeError):
-        return "icrs"
+def _celestial(source, path, purpose: str) -> WCS:
+    """The 2-D celestial WCS of an :class:`Image` or a WCS, or a one-line error."""
+    if isinstance(source, Image):
+        return source.require_wcs(purpose)
+    if source is None or not getattr(source, "has_celestial", False):
+        raise RtcnnInputError(path, f"no celestial WCS in the header; a WCS is needed to "
+                              f"{purpose}")
+    return source if source.naxis == 2 else source.celestial
 
 
 def check_fits_file(path: str | os.PathLike) -> Path:
@@ -276,9 +292,14 @@ def read_image(path: str | os.PathLike, hdu: int | str | None = None,
                 chosen = hdul[index]
                 shape = _image_shape(chosen.header)
                 _check_not_truncated(chosen, shape, p)
-                data = _load_data(chosen, shape, p)
+                scaled = memmap and _is_scaled(chosen.header)
+                if not scaled:
+                    data = _load_data(chosen, shape, p)
                 header = chosen.header.copy()
                 wcs, wcs_problem = _read_wcs(header, hdul)
+            if scaled:  # astropy cannot map BZERO/BSCALE/BLANK images: read and convert
+                with fits.open(p, memmap=False) as hdul:
+                    data = _load_data(hdul[index], shape, p)
         truncated = [w for w in caught if "truncated" in str(w.message)]
         if truncated:  # e.g. a gzip stream that ended early: astropy pads the pixels
             raise RtcnnInputError(p, f"truncated FITS file ({_short(truncated[0].message)})")
@@ -287,6 +308,7 @@ def read_image(path: str | os.PathLike, hdu: int | str | None = None,
     except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
         raise RtcnnInputError(p, f"truncated or corrupt FITS file ({_short(err)})") from None
     mask = _bad_pixel_mask(data, p)
+    _warn_if_constant(data, mask, p, _hdu_name(index, header))
     zp, zp_source = header_zeropoint(header)
     return Image(
         data=data, mask=mask, wcs=wcs, zeropoint=zp, unit=str(header.get("BUNIT", "")).strip(),
@@ -362,10 +384,8 @@ def grid_offset(ref_wcs: WCS, new_wcs: WCS, new_shape: tuple[int, int]
 def write_image(path: str | os.PathLike, data: np.ndarray,
                 header: fits.Header | dict[str, Any] | None = None,
                 overwrite: bool = False) -> Path:
-    """Write a 2-D float32 image as the primary HDU, atomically.
-
-    The file is written to a temporary name in the same directory and renamed over
-    ``path`` (``os.replace``), so a crash never leaves a half-written file there.
+    """Write a 2-D float32 image as the primary HDU, atomically
+    (:func:`rtcnn.io.pairdir.atomic_write`: a crash never leaves a half-written file).
 
     Parameters
     ----------
@@ -383,40 +403,13 @@ def write_image(path: str | os.PathLike, data: np.ndarray,
     pathlib.Path
         ``path``.
     """
-    p = Path(path)
     arr = np.asarray(data)
     if arr.ndim != 2:
         raise ValueError(f"write_image needs a 2-D array, got shape {arr.shape}")
-    if p.exists() and not overwrite:
-        raise RtcnnInputError(p, "already exists; pass overwrite=True (--overwrite) to replace it")
-    if not p.parent.is_dir():
-        raise RtcnnInputError(p.parent, "directory not found")
     hdr = header if isinstance(header, fits.Header) else fits.Header(
         list((header or {}).items()))
     hdu = fits.PrimaryHDU(arr.astype(np.float32, copy=False), header=hdr)
-    return write_atomically(p, hdu.writeto)
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
-    """Write ``path`` through a temporary file in its folder, then rename it into place.
-
-    ``write(fh)`` writes the content to an open binary file; it is flushed and
-    ``fsync``-ed, then :func:`os.replace`-d onto ``path``, so readers see the old file or
-    the complete new one, never a partial one. On any failure the temporary file is
-    removed and ``path`` is untouched.
-    """
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write(path, overwrite, hdu.writeto)
 
 
 def header_zeropoint(header: fits.Header) -> tuple[float | None, str | None]:
@@ -494,11 +487,12 @@ def _choose_hdu(hdul: fits.HDUList, hdu: int | str | None, path: Path) -> int:
             index = names.index(str(hdu).upper())
         _check_image_hdu(hdul[index], index, path, labels)
         return index
-    if _is_2d_image(hdul[0]):
-        return 0
     for i, h in enumerate(hdul):
         if h.name.upper() == SCI_EXTNAME and h.is_image:
             _check_image_hdu(h, i, path, labels)
+            return i
+    for i, h in enumerate(hdul):  # a float image before an integer one (DQ, masks, counts)
+        if _is_2d_image(h) and int(h.header.get("BITPIX", 0)) < 0:
             return i
     for i, h in enumerate(hdul):
         if _is_2d_image(h):
@@ -562,16 +556,74 @@ def _bad_pixel_mask(data: np.ndarray, path) -> np.ndarray | None:
 
 
 def _read_wcs(header: fits.Header, hdul: fits.HDUList) -> tuple[WCS | None, str | None]:
+    """The celestial WCS of a 2-D image's header, validated, or None and why not.
+
+    Read with ``naxis=2``: a ``NAXIS3 = 1`` cube's header is a 2-D image's (and astropy
+    refuses SIP distortion on more than 2 axes). A WCS whose CD/PC matrix is singular, or
+    whose pixel -> sky -> pixel round trip at the reference pixel misses by more than
+    :data:`WCS_ROUNDTRIP_TOL` px, is refused: it would give wrong RA/Dec silently.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(header, fobj=hdul)
+            wcs = WCS(header, fobj=hdul, naxis=2)
+    except SingularMatrixError:
+        log.warning("ignoring unusable WCS: its CD/PC matrix is singular")
+        return None, "the header WCS is unusable (its CD/PC matrix is singular)"
     except Exception as err:  # astropy raises many kinds for a broken WCS
         log.warning("ignoring unusable WCS: %s", _short(err))
         return None, f"the header WCS is unusable ({_short(err)})"
     if not wcs.has_celestial:
         return None, "the header has no celestial WCS"
-    return wcs.celestial, None
+    wcs = wcs.celestial
+    problem = _wcs_problem(wcs)
+    if problem is not None:
+        log.warning("ignoring unusable WCS: %s", problem)
+        return None, f"the header WCS is unusable ({problem})"
+    return wcs, None
+
+
+def _wcs_problem(wcs: WCS) -> str | None:
+    """Why a celestial WCS cannot be trusted, or None (see :func:`_read_wcs`)."""
+    matrix = wcs.pixel_scale_matrix
+    det = float(np.linalg.det(matrix)) if np.all(np.isfinite(matrix)) else math.nan
+    scale = float(np.max(np.abs(matrix))) if np.all(np.isfinite(matrix)) else math.nan
+    if not (math.isfinite(det) and scale > 0 and abs(det) > (WCS_SINGULAR_RTOL * scale) ** 2):
+        return "its CD/PC matrix is singular"
+    x0, y0 = (float(v) - 1.0 for v in wcs.wcs.crpix)  # 0-based reference pixel
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            ra, dec = wcs.all_pix2world([x0, x0 + 100.0], [y0, y0 + 100.0], 0)
+            xb, yb = wcs.all_world2pix(ra, dec, 0)
+    except Exception as err:  # astropy's solvers raise several kinds
+        return f"pixel -> sky -> pixel fails: {_short(err)}"
+    miss = np.hypot(np.asarray(xb) - [x0, x0 + 100.0], np.asarray(yb) - [y0, y0 + 100.0])
+    if not np.all(np.isfinite(miss)) or float(np.max(miss)) > WCS_ROUNDTRIP_TOL:
+        return "pixel -> sky -> pixel does not return to the pixel"
+    return None
+
+
+def _is_scaled(header: fits.Header) -> bool:
+    """True when the data are scaled integers (``BZERO``/``BSCALE``/``BLANK``)."""
+    if int(header.get("BITPIX", 0)) < 0:
+        return False
+    bzero, bscale = header.get("BZERO", 0), header.get("BSCALE", 1)
+    return bzero != 0 or bscale != 1 or "BLANK" in header
+
+
+def _hdu_name(index: int, header: fits.Header) -> str:
+    name = str(header.get("EXTNAME", "")).strip() or ("PRIMARY" if index == 0 else "")
+    return f"{index}:{name}" if name else str(index)
+
+
+def _warn_if_constant(data: np.ndarray, mask: np.ndarray | None, path, hdu: str) -> None:
+    """Warn when every good pixel has the same value (a DQ plane, an empty image...)."""
+    values = data if mask is None else data[~mask]
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if lo == hi:
+        log.warning("%s: the image (HDU %s) is constant (every pixel %g); is this the right "
+                    "HDU?", path, hdu, lo)
 
 
 def _as_float(value) -> float | None:
