@@ -24,10 +24,24 @@ TINY_TRANSIENTS = 14  # random transients per pair (plus the default variables)
 
 @pytest.fixture(scope="session")
 def tiny_sim(tmp_path_factory) -> Path:
-    """A 4-pair, 256x256 px inject-mode simulated set (rtcnn.sim), made once per session."""
-    from rtcnn.sim import simulate_dataset
+    """A 4-pair, 256x256 px inject-mode simulated set (rtcnn.sim), made once per session.
+
+    ``RTCNN_TINY_SIM=DIR`` uses a copy of that set made beforehand by the same call (for a
+    machine without GalSim, e.g. a lent GPU node); its parameters are checked.
+    """
+    import shutil
 
     root = tmp_path_factory.mktemp("tiny_sim")
+    given = os.environ.get("RTCNN_TINY_SIM")
+    if given:
+        import json
+
+        shutil.copytree(given, root, dirs_exist_ok=True)
+        params = json.loads((root / "pair_0000" / "params.json").read_text())
+        assert (params["size"], params["seed"]) == (TINY_SIZE, TINY_SEED), params
+        return root
+    from rtcnn.sim import simulate_dataset
+
     simulate_dataset(root, pairs=TINY_PAIRS, size=TINY_SIZE, mode="inject", seed=TINY_SEED,
                      progress=False, n_transients=TINY_TRANSIENTS)
     return root
