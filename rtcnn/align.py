@@ -116,6 +116,7 @@ __all__ = [
     "measure_offset",
     "pixel_map",
     "read_aligned_pair",
+    "subsample_sigma",
     "resample",
     "zeropoint_scale",
 ]
@@ -312,14 +313,13 @@ def resample(data: np.ndarray, spline_x, spline_y, out_shape: tuple[int, int],
 # --------------------------------------------------------------------------- astrometry
 
 
-def _robust_sigma(data: np.ndarray) -> float:
-    """1.4826 MAD of a subsample of the finite pixels (every 7th), image units."""
-    sub = np.asarray(data).ravel()[::7]
+def subsample_sigma(data: np.ndarray, step: int = 7) -> float:
+    """Robust noise (:func:`astropy.stats.mad_std`) of every ``step``-th finite pixel."""
+    from astropy.stats import mad_std
+
+    sub = np.asarray(data).ravel()[::step]
     sub = sub[np.isfinite(sub)]
-    if sub.size == 0:
-        return math.nan
-    med = np.median(sub)
-    return float(1.4826 * np.median(np.abs(sub - med)))
+    return float(mad_std(sub)) if sub.size else math.nan
 
 
 def bright_peaks(data: np.ndarray, snr: float = STAR_SNR, max_peaks: int = MAX_STARS,
@@ -335,7 +335,7 @@ def bright_peaks(data: np.ndarray, snr: float = STAR_SNR, max_peaks: int = MAX_S
     (x, y) : (n,) int arrays, 0-based px
     """
     arr = np.asarray(data)
-    sigma = _robust_sigma(arr)
+    sigma = subsample_sigma(arr)
     if not math.isfinite(sigma) or sigma <= 0:
         return np.zeros(0, int), np.zeros(0, int)
     ny, nx = arr.shape
