@@ -42,11 +42,7 @@ byte-identical files (on the same library versions).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,24 +52,18 @@ from astropy.io import fits
 from astropy.table import MaskedColumn, Table
 
 from rtcnn.errors import RtcnnInputError
+from rtcnn.io.pairdir import PAIR_FILES, make_output_dir, pair_dir, write_pair
 from rtcnn.sim import render
 from rtcnn.sim.scene import (
     MIN_SIZE, MODES, SCA_NPIX, Pointing, Scene, draw_pointing, make_scene, resolve_params,
 )
 
-PAIR_FORMAT = "pair_{:04d}"  # pair directory name
-PAIR_FILES = ("ref.fits", "new.fits", "truth.ecsv", "sources.ecsv", "params.json")
 SNR_DOC = (
     "snr = |F_new - F_ref| * sqrt(sum_i p_i^2) / sigma_diff: F in e-/s, p the unit-flux "
     "pixelated PSF of the new image at the object's position, sigma_diff the background "
     "noise per pixel of the difference (epochs: sqrt(sigma_ref^2 + sigma_new^2); inject: "
     "sigma_new, the reference noise cancels)"
 )
-
-
-def pair_dir(outdir: str | os.PathLike, index: int) -> Path:
-    """``OUTDIR/pair_XXXX`` of pair ``index``."""
-    return Path(outdir) / PAIR_FORMAT.format(index)
 
 
 def check_args(pairs: Any, size: Any, mode: Any, seed: Any) -> None:
@@ -145,18 +135,14 @@ def simulate_dataset(
         for d in dirs:
             if d.exists():
                 raise RtcnnInputError(d, "pair already exists; pass --overwrite to replace it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a parent is a file, no permission, read-only file system
-        raise RtcnnInputError(out, f"cannot create the output directory ({err.strerror or err})"
-                              ) from None
+    make_output_dir(out)
     if not os.access(out, os.W_OK | os.X_OK):
         raise RtcnnInputError(out, "output directory is not writable")
     from tqdm.auto import tqdm  # local: keeps `import rtcnn.sim` light
 
     for i in tqdm(range(pairs), desc="simulate", unit="pair", disable=not progress):
         files = simulate_pair(i, size, mode, seed, params)
-        _write_pair(dirs[i], files)
+        write_pair(dirs[i], files, overwrite=overwrite)
     return dirs
 
 
@@ -336,44 +322,6 @@ def _hdulist(data, *, bkg, mjd, epoch, psf, n_cr, band, zp, pointing: Pointing, 
     ])
     return fits.HDUList([fits.PrimaryHDU(data=np.ascontiguousarray(data, dtype=np.float32),
                                          header=hdr)])
-
-
-def _writer(name: str, obj: Any) -> Callable[[Path], None]:
-    if name.endswith(".fits"):
-        return lambda path: obj.writeto(path, output_verify="exception")
-    if name.endswith(".ecsv"):
-        return lambda path: obj.write(path, format="ascii.ecsv")
-    return lambda path: path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _write_pair(final: Path, files: dict) -> None:
-    """Write all files of one pair atomically.
-
-    New pair: everything goes to a temporary sibling directory that is renamed
-    into place. Existing pair (``overwrite``): each file is written to a temporary
-    name in the pair directory and :func:`os.replace`-d over the old one.
-    """
-    if final.exists():
-        for name, obj in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=final)
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-                _writer(name, obj)(Path(tmp))
-                os.replace(tmp, final / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        return
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    tmpdir.chmod(0o755)  # mkdtemp makes it 0700
-    try:
-        for name, obj in files.items():
-            _writer(name, obj)(tmpdir / name)
-        os.replace(tmpdir, final)
-    finally:
-        if tmpdir.exists():
-            shutil.rmtree(tmpdir)
 
 
 __all__ = ["simulate_dataset", "simulate_pair", "pair_dir", "check_args", "PAIR_FILES"]
