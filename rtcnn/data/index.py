@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from astropy.table import Table
 
 from rtcnn import photometry as phot
 from rtcnn.errors import RtcnnInputError
+from rtcnn.io.pairdir import atomic_write
 from rtcnn.tiles import TILE_OVERLAP, TILE_SIZE, tile_origins, tiles_containing
 
 log = logging.getLogger(__name__)
@@ -244,15 +244,12 @@ class SampleIndex:
                            "broken": [asdict(b) for b in self.broken]})
         arrays["meta"] = np.array(meta)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
+
+        def writer(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a name
                 np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+
+        return atomic_write(path, True, writer)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SampleIndex:
