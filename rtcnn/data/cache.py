@@ -203,10 +203,14 @@ class TileCacheDataModule(L.LightningDataModule):
         Loader processes (0: in the training process; cached tiles are cheap).
     drop_last : bool
         Drop the last incomplete training batch.
+    normalization : str, optional
+        The tile normalisation a config expects (e.g. ``experiment=paper``'s ``minmax``):
+        checked against the cache's, which cannot change after export.
     """
 
     def __init__(self, path: str, batch_size: int = 32, augment: bool = True,
-                 seed: int | None = None, num_workers: int = 0, drop_last: bool = True):
+                 seed: int | None = None, num_workers: int = 0, drop_last: bool = True,
+                 normalization: str | None = None):
         super().__init__()
         if batch_size < 1:
             raise RtcnnInputError("data.batch_size", f"must be >= 1, got {batch_size}")
@@ -214,6 +218,10 @@ class TileCacheDataModule(L.LightningDataModule):
         self.path = str(path)
         self.batch_size = int(batch_size)
         self.meta, self._splits = load_cache(self.path)
+        cached = self.meta["data"].get("normalization")
+        if normalization is not None and normalization != cached:
+            raise RtcnnInputError(self.path, f"tiles were cached with normalization={cached}, "
+                                  f"the config asks for {normalization}")
         self.tile_size = int(self.meta["tile_size"])
         self.seed = int(self.meta["seed"] if seed is None else seed)
         self.datasets: dict[str, CachedTiles] = {}
