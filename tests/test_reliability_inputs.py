@@ -156,27 +156,9 @@ def good(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def det_ckpt(tmp_path_factory) -> Path:
-    """A real checkpoint of a tiny dense detector (one training step)."""
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader
-
-    from rtcnn.models.detector import DenseDetector
-    from rtcnn.tasks.detection import DetectionTask
-
-    torch.manual_seed(0)
-    task = DetectionTask(DenseDetector(channels=(8, 8, 8), head_channels=8, prior=0.01))
-    xy = torch.tensor([[[20.0, 30.0]], [[40.5, 10.25]]])
-    batch = {"image": torch.randn(2, 2, 64, 64), "xy": xy, "valid": torch.ones(2, 1, dtype=bool),
-             "dmag": torch.ones(2, 1)}  # fmt: skip
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
-    trainer.fit(task, DataLoader([batch], batch_size=None))
-    path = tmp_path_factory.mktemp("det") / "dense.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+def det_ckpt(tiny_detector_ckpt) -> Path:
+    """A real checkpoint of a tiny dense detector (one training step; conftest's)."""
+    return tiny_detector_ckpt
 
 
 #: data module arguments of the tiny runs: one pair (all of it in the training split),

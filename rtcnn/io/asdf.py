@@ -244,10 +244,11 @@ def write_asdf_pair(ref: str | os.PathLike, new: str | os.PathLike, outdir: str 
 
     Both are read with :func:`read_asdf_image` (FITS-SIP WCS); the reference is resampled
     onto the new image's grid when the grids differ
-    (:func:`rtcnn.io.openuniverse.write_pair_images`). A truth catalog, if given, is
+    (:func:`rtcnn.io.openuniverse.pair_images`). A truth catalog, if given, is
     copied as ``truth.ecsv`` (read with :func:`rtcnn.io.read_truth`, so RA/Dec-only
-    catalogs get 0-based ``x, y`` on the new image). The directory then reads like a
-    simulated pair (``data=fits data.root=...``).
+    catalogs get 0-based ``x, y`` on the new image). The files are written together
+    (:func:`rtcnn.io.pairdir.write_pair`, replacing those of an existing directory); the
+    directory then reads like a simulated pair (``data=fits data.root=...``).
 
     Returns
     -------
@@ -255,16 +256,30 @@ def write_asdf_pair(ref: str | os.PathLike, new: str | os.PathLike, outdir: str 
         ``outdir``.
     """
     from rtcnn.io.catalogs import read_truth
-    from rtcnn.io.openuniverse import write_pair_images
+    from rtcnn.io.openuniverse.prepare import pair_images
+    from rtcnn.io.pairdir import TRUTH_NAME, write_pair
 
     new_img = read_asdf_image(new, zeropoint=zeropoint)
     ref_img = read_asdf_image(ref, zeropoint=zeropoint)
     if ref_img.unit != new_img.unit:
         raise RtcnnInputError(new, f"unit {new_img.unit} differs from the reference's "
                               f"{ref_img.unit} ({ref})")
-    d, _ = write_pair_images(ref_img, new_img, outdir, method, SIMMODE="roman-asdf")
+    files, _ = pair_images(ref_img, new_img, method, SIMMODE="roman-asdf")
     if truth is not None:
         table = read_truth(truth, image=new_img)
         table.meta["pixel_origin"] = 0
-        table.write(d / "truth.ecsv", format="ascii.ecsv", overwrite=True)
-    return d
+        files[TRUTH_NAME] = table
+    return write_pair(outdir, files, overwrite=True)
+
+
+__all__ = [
+    "DQ_BAD_FLAGS",
+    "MAX_PIX_ERROR",
+    "SIP_FIT_POINTS",
+    "SKY_SIGMA",
+    "WCS_MODES",
+    "dq_bad_mask",
+    "fit_sip",
+    "read_asdf_image",
+    "write_asdf_pair",
+]

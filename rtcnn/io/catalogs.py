@@ -209,3 +209,16 @@ def _check_footprint(table: Table, p: Path, image: Image) -> None:
             f"{image.path or ''} ({where})".replace("  ", " "))
     if len(table) and not on.all():
         log.info("%s: %d of %d rows fall outside the image", p, int((~on).sum()), len(table))
+
+
+__all__ = [
+    "DEC_COLUMNS",
+    "PIXEL_ORIGIN_META",
+    "RA_COLUMNS",
+    "X_COLUMNS",
+    "X_COLUMNS_1BASED",
+    "Y_COLUMNS",
+    "Y_COLUMNS_1BASED",
+    "read_table",
+    "read_truth",
+]

@@ -296,7 +296,7 @@ def read_image(path: str | os.PathLike, hdu: int | str | None = None,
                 if not scaled:
                     data = _load_data(chosen, shape, p)
                 header = chosen.header.copy()
-                wcs, wcs_problem = _read_wcs(header, hdul)
+                wcs, wcs_problem = header_wcs(header, hdul)
             if scaled:  # astropy cannot map BZERO/BSCALE/BLANK images: read and convert
                 with fits.open(p, memmap=False) as hdul:
                     data = _load_data(hdul[index], shape, p)
@@ -555,13 +555,20 @@ def _bad_pixel_mask(data: np.ndarray, path) -> np.ndarray | None:
     return mask
 
 
-def _read_wcs(header: fits.Header, hdul: fits.HDUList) -> tuple[WCS | None, str | None]:
+def header_wcs(header: fits.Header,
+               hdul: fits.HDUList | None = None) -> tuple[WCS | None, str | None]:
     """The celestial WCS of a 2-D image's header, validated, or None and why not.
+
+    ``hdul`` is the open file, for distortion tables stored in other HDUs.
 
     Read with ``naxis=2``: a ``NAXIS3 = 1`` cube's header is a 2-D image's (and astropy
     refuses SIP distortion on more than 2 axes). A WCS whose CD/PC matrix is singular, or
     whose pixel -> sky -> pixel round trip at the reference pixel misses by more than
     :data:`WCS_ROUNDTRIP_TOL` px, is refused: it would give wrong RA/Dec silently.
+
+    Returns
+    -------
+    (wcs, problem) : (astropy.wcs.WCS or None, str or None)
     """
     try:
         with warnings.catch_warnings():
@@ -584,7 +591,7 @@ def _read_wcs(header: fits.Header, hdul: fits.HDUList) -> tuple[WCS | None, str 
 
 
 def _wcs_problem(wcs: WCS) -> str | None:
-    """Why a celestial WCS cannot be trusted, or None (see :func:`_read_wcs`)."""
+    """Why a celestial WCS cannot be trusted, or None (see :func:`header_wcs`)."""
     matrix = wcs.pixel_scale_matrix
     det = float(np.linalg.det(matrix)) if np.all(np.isfinite(matrix)) else math.nan
     scale = float(np.max(np.abs(matrix))) if np.all(np.isfinite(matrix)) else math.nan
@@ -660,3 +667,25 @@ def _fmt_shape(shape) -> str:
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return text[:160]
+
+
+__all__ = [
+    "AB_ZEROPOINT_JY",
+    "BAND_KEYWORDS",
+    "EXPTIME_KEYWORDS",
+    "GRID_TOLERANCE",
+    "Image",
+    "SCI_EXTNAME",
+    "WCS_ROUNDTRIP_TOL",
+    "WCS_SINGULAR_RTOL",
+    "ZEROPOINT_KEYWORDS",
+    "check_fits_file",
+    "grid_offset",
+    "header_wcs",
+    "header_zeropoint",
+    "pixel_to_sky",
+    "read_image",
+    "read_pair",
+    "sky_to_pixel",
+    "write_image",
+]
