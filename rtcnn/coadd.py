@@ -64,7 +64,8 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from rtcnn.align import pixel_map, resample, subsample_sigma, zeropoint_scale
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
-from rtcnn.io.fits import Image, read_image, write_atomically
+from rtcnn.io.fits import Image, read_image
+from rtcnn.io.pairdir import atomic_write, check_output
 
 log = logging.getLogger(__name__)
 
@@ -319,13 +320,11 @@ def coadd_header(c: Coadd) -> fits.Header:
     return hdr
 
 
-def write_coadd(c: Coadd, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a coadd (primary image + ``VAR``, ``NEXP``, ``WHT`` planes) atomically."""
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise RtcnnInputError(p, "already exists; pass --overwrite to replace it")
-    if not p.parent.is_dir():
-        raise RtcnnInputError(p.parent, "directory not found")
+def write_coadd(c: Coadd, path: str | os.PathLike, overwrite: bool = False,
+                inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write a coadd (primary image + ``VAR``, ``NEXP``, ``WHT`` planes) atomically
+    (:func:`rtcnn.io.pairdir.atomic_write`: never over an input, nor over an existing file
+    without ``overwrite``)."""
     wcs_hdr = c.wcs.to_header()
     hdul = fits.HDUList([
         fits.PrimaryHDU(c.data, header=coadd_header(c)),
@@ -333,7 +332,7 @@ def write_coadd(c: Coadd, path: str | os.PathLike, overwrite: bool = False) -> P
         fits.ImageHDU(c.nexp, header=wcs_hdr, name="NEXP"),
         fits.ImageHDU(c.weight, header=wcs_hdr, name="WHT"),
     ])
-    return write_atomically(p, hdul.writeto)
+    return atomic_write(path, overwrite, hdul.writeto, inputs)
 
 
 # --------------------------------------------------------------------------- command
@@ -364,13 +363,8 @@ def _lazy_images(paths: Sequence[Path]):
 def run(args: argparse.Namespace) -> Path:
     """Build and write the coadd of ``args``; returns the output path."""
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise RtcnnInputError(out, "already exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise RtcnnInputError(out.parent, "directory not found")
     paths = [Path(p) for p in args.exposures]
-    if out.resolve() in {p.resolve() for p in paths if p.exists()}:
-        raise RtcnnInputError(out, "is one of the input exposures")
+    check_output(out, args.overwrite, paths)  # before any work
     if args.size is not None and args.size < 1:
         raise RtcnnInputError(None, f"--size must be >= 1, got {args.size}")
     if not args.sigma > 0:
@@ -384,7 +378,7 @@ def run(args: argparse.Namespace) -> Path:
                   else first_grid(first))
     c = coadd_images(_lazy_images(paths), wcs, shape, count=len(paths), sigma=args.sigma,
                      workdir=out.parent, progress=not args.no_progress)
-    return write_coadd(c, out, overwrite=args.overwrite)
+    return write_coadd(c, out, overwrite=args.overwrite, inputs=paths)
 
 
 @cli_main

@@ -1,6 +1,6 @@
 """Roman image-pair simulator built on ``galsim.roman``.
 
-``python -m rtcnn.sim OUTDIR --pairs N --size S --mode inject|epochs --seed K``
+``python -m rtcnn.sim OUTDIR --pairs N --size S --mode inject|epochs|dither|survey --seed K [--bands all]``
 or :func:`simulate_dataset` write ``OUTDIR/pair_XXXX/{ref,new}.fits``,
 ``truth.ecsv``, ``sources.ecsv`` and ``params.json`` (layout and columns in
 :mod:`rtcnn.sim.dataset`). :mod:`rtcnn.sim.scene` draws the objects,

@@ -1,4 +1,4 @@
-"""``python -m rtcnn.sim OUTDIR --pairs N --size S --mode inject|epochs --seed K``.
+"""``python -m rtcnn.sim OUTDIR --pairs N --size S --mode inject|epochs|dither|survey --seed K``.
 
 Writes ``OUTDIR/pair_XXXX/`` (see :mod:`rtcnn.sim.dataset`). A bad value or an
 existing pair (without ``--overwrite``) prints one line ``rtcnn: error: ...``
@@ -23,13 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=1024, help="image side in px, 64..4088 "
                    "(default 1024)")
     p.add_argument("--mode", default="inject", help="inject (new = ref + transients, the "
-                   "paper's setting) or epochs (two independent exposures); default inject")
+                   "paper's setting), epochs (two independent exposures), dither (two "
+                   "exposures at different rolls and pointings) or survey (a north-up coadd "
+                   "of --epochs exposures at random rolls against a new exposure); default "
+                   "inject")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--band", default="H158", help="Roman filter (default H158)")
+    p.add_argument("--bands", default=None,
+                   help="draw the band per pair from these: 'all' (every Roman imaging "
+                   "filter) or a comma list in either spelling (Y106,J129 or F106,F129); "
+                   "overrides --band")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="survey mode: exposures in the reference coadd (default 6)")
+    p.add_argument("--dither", type=float, default=None,
+                   help="survey/dither modes: max dither of an exposure, px (default 20)")
     p.add_argument("--sca", type=int, default=None, help="SCA 1..18 (default: random per pair)")
     p.add_argument("--overwrite", action="store_true", help="replace existing pairs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _optional(args: argparse.Namespace) -> dict:
+    """The optional scene parameters given on the command line (rtcnn.sim.scene.OPTIONAL)."""
+    given = {"bands": args.bands, "n_epochs": args.epochs, "dither_px": args.dither}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @cli_main
@@ -41,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     dirs = simulate_dataset(
         args.outdir, args.pairs, args.size, args.mode, args.seed, overwrite=args.overwrite,
-        progress=not args.no_progress, band=args.band, sca=args.sca,
+        progress=not args.no_progress, band=args.band, sca=args.sca, **_optional(args),
     )
     dt = time.perf_counter() - t0
     print(f"wrote {len(dirs)} {args.mode} pair(s) of {args.size}x{args.size} px to "

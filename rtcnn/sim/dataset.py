@@ -55,7 +55,8 @@ from rtcnn.errors import RtcnnInputError
 from rtcnn.io.pairdir import PAIR_FILES, make_output_dir, pair_dir, write_pair
 from rtcnn.sim import render
 from rtcnn.sim.scene import (
-    MIN_SIZE, MODES, SCA_NPIX, Pointing, Scene, draw_pointing, make_scene, resolve_params,
+    MIN_SIZE, MODES, SCA_NPIX, SURVEY_MODES, Pointing, Scene, draw_pointing, make_scene,
+    pair_band, resolve_params,
 )
 
 SNR_DOC = (
@@ -155,8 +156,12 @@ def simulate_pair(index: int, size: int, mode: str, seed: int, params: dict) -> 
         ``{"ref.fits": HDUList, "new.fits": HDUList, "truth.ecsv": Table,
         "sources.ecsv": Table, "params.json": dict}``.
     """
+    if mode in SURVEY_MODES:  # exposures at other rolls, reference coadds
+        from rtcnn.sim.survey import simulate_survey_pair
+
+        return simulate_survey_pair(index, size, mode, seed, params)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
-    band = params["band"]
+    band = pair_band(params, seed, index)
     zp = render.magzp(band)
     pointing = draw_pointing(rng, size, params)
     scene = make_scene(rng, size, params)

@@ -249,23 +249,34 @@ def draw_points(image: galsim.ImageF, psf: PsfModel, x, y, flux) -> None:
             )
 
 
-def draw_galaxies(image: galsim.ImageF, psf: PsfModel, scene: Scene, index, flux) -> None:
+def draw_galaxies(image: galsim.ImageF, psf: PsfModel, scene: Scene, index, flux,
+                  xy=None, jacobian=None) -> None:
     """Add PSF-convolved sheared exponentials (``flux`` e-/s) in place.
 
-    Stamp half side ``clip(6 hlr / 0.11" + 8, 12, 64)`` px.
+    Stamp half side ``clip(6 hlr / 0.11" + 8, 12, 64)`` px. The galaxy's shape is defined
+    in the scene's pixel frame; to draw it in another exposure's frame (another roll,
+    :mod:`rtcnn.sim.survey`) give its position there, ``xy`` ``(n, 2)`` (0-based px,
+    default the scene's), and ``jacobian`` ``(n, 2, 2)``, the derivative of that frame's
+    pixel position with respect to the scene's: the profile is mapped by it
+    (``galsim.GSObject.transform``) before the convolution with the detector-fixed PSF,
+    at fixed total flux, so the galaxy is the same on the sky in every exposure.
     """
-    for i, fi in zip(np.asarray(index), np.asarray(flux, float)):
+    for k, (i, fi) in enumerate(zip(np.asarray(index), np.asarray(flux, float))):
         hlr = float(scene.hlr[i])
         half = int(min(64, max(12, math.ceil(6 * hlr / PIXEL_SCALE) + 8)))
-        b = _stamp_bounds(image, scene.x[i], scene.y[i], half)
+        x, y = (scene.x[i], scene.y[i]) if xy is None else (xy[k][0], xy[k][1])
+        b = _stamp_bounds(image, x, y, half)
         if not b.isDefined():
             continue
         gal = galsim.Exponential(half_light_radius=hlr, flux=fi).shear(
             g1=float(scene.g1[i]), g2=float(scene.g2[i])
         )
+        if jacobian is not None:
+            j = np.asarray(jacobian[k], dtype=float)
+            gal = gal.transform(j[0, 0], j[0, 1], j[1, 0], j[1, 1]).withFlux(fi)
         galsim.Convolve(gal, psf.optical).drawImage(
             image=image[b],
-            center=galsim.PositionD(scene.x[i] + GALSIM_ORIGIN, scene.y[i] + GALSIM_ORIGIN),
+            center=galsim.PositionD(x + GALSIM_ORIGIN, y + GALSIM_ORIGIN),
             add_to_image=True,
         )
 

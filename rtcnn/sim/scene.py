@@ -77,8 +77,17 @@ DEFAULTS: dict[str, Any] = {
     "psf_defocus": 0.04,  # waves, max |extra defocus (Z4)| of the new epoch (epochs mode)
     "psf_jitter": (5.0, 15.0),  # mas, range of the Gaussian pointing-jitter sigma per epoch
 }
-MODES = ("inject", "epochs")
-COSMIC_RAY_DENSITY = {"inject": 0.0, "epochs": 50.0}  # hits / Mpix, default per mode
+MODES = ("inject", "epochs", "dither", "survey")
+SURVEY_MODES = ("dither", "survey")  # exposures at other rolls (rtcnn.sim.survey)
+COSMIC_RAY_DENSITY = {"inject": 0.0, "epochs": 50.0, "dither": 50.0,
+                      "survey": 50.0}  # hits / Mpix, default per mode
+#: Parameters that exist only where they apply (so the parameters, and the bytes of
+#: params.json, of the other modes stay what they were): key -> (default, modes).
+OPTIONAL = {
+    "bands": (None, MODES),  # draw the band per pair from these ('all' = BANDS); None = band
+    "n_epochs": (6, ("survey",)),  # exposures in the reference coadd
+    "dither_px": (20.0, SURVEY_MODES),  # px, max dither of an exposure's centre per axis
+}
 
 _RANGE_KEYS = (
     "star_mag",
@@ -111,12 +120,13 @@ def resolve_params(mode: str, size: int, **scene_kwargs: Any) -> dict[str, Any]:
 
     Parameters
     ----------
-    mode : {'inject', 'epochs'}
-        Simulation mode (only used for the mode-dependent defaults).
+    mode : {'inject', 'epochs', 'dither', 'survey'}
+        Simulation mode (only used for the mode-dependent defaults and :data:`OPTIONAL`).
     size : int
         Image side in px (checked against ``forced_*`` positions).
     **scene_kwargs
-        Any key of :data:`DEFAULTS`.
+        Any key of :data:`DEFAULTS` or :data:`OPTIONAL` (``bands``, ``n_epochs``,
+        ``dither_px``).
 
     Returns
     -------
@@ -128,12 +138,14 @@ def resolve_params(mode: str, size: int, **scene_kwargs: Any) -> dict[str, Any]:
     RtcnnInputError
         Unknown key or a value out of range (one line naming the parameter).
     """
-    unknown = sorted(set(scene_kwargs) - set(DEFAULTS))
+    unknown = sorted(set(scene_kwargs) - set(DEFAULTS) - set(OPTIONAL))
     if unknown:
         raise RtcnnInputError(
-            None, f"unknown scene parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}"
+            None, f"unknown scene parameter(s) {', '.join(unknown)}; known: "
+            f"{', '.join([*DEFAULTS, *OPTIONAL])}"
         )
     p = {**DEFAULTS, **scene_kwargs}
+    _optional_params(p, mode, scene_kwargs)
     if p["band"] not in BANDS:
         raise RtcnnInputError(None, f"unknown band {p['band']!r}; choose one of {', '.join(BANDS)}")
     if p["sca"] is not None:
@@ -175,6 +187,45 @@ def resolve_params(mode: str, size: int, **scene_kwargs: Any) -> dict[str, Any]:
     if not -90.0 <= p["field_dec"] <= 90.0:
         raise RtcnnInputError(None, f"field_dec must be in [-90, 90] deg, got {p['field_dec']}")
     return p
+
+
+def _optional_params(p: dict[str, Any], mode: str, given: Mapping[str, Any]) -> None:
+    """Add and check the :data:`OPTIONAL` parameters that apply (in place)."""
+    for key, (default, modes) in OPTIONAL.items():
+        if key in given and given[key] is not None:
+            p[key] = given[key]
+        elif mode in modes and default is not None:
+            p[key] = default
+        else:
+            p.pop(key, None)
+    if "bands" in p:
+        from rtcnn.roman import canonical_band
+
+        names = p["bands"]
+        if isinstance(names, str):
+            names = BANDS if names.strip().lower() == "all" else names.split(",")
+        p["bands"] = [canonical_band(str(b).strip()) for b in names if str(b).strip()]
+        if not p["bands"]:
+            raise RtcnnInputError(None, "bands must name at least one Roman band")
+    if "n_epochs" in p:
+        if not _is_int(p["n_epochs"]) or p["n_epochs"] < 1:
+            raise RtcnnInputError(None, f"n_epochs must be an integer >= 1, got {p['n_epochs']!r}")
+        p["n_epochs"] = int(p["n_epochs"])
+    if "dither_px" in p:
+        p["dither_px"] = float(p["dither_px"])
+        if not (math.isfinite(p["dither_px"]) and p["dither_px"] >= 0):
+            raise RtcnnInputError(None, f"dither_px must be finite and >= 0, got {p['dither_px']}")
+
+
+def pair_band(params: Mapping[str, Any], seed: int, index: int) -> str:
+    """The band of pair ``index``: ``params['band']``, or drawn uniformly from
+    ``params['bands']`` with a generator of its own (``SeedSequence(seed, spawn_key=(index,
+    1))``), so the pair's other random numbers do not depend on it."""
+    bands = params.get("bands")
+    if not bands:
+        return params["band"]
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1)))
+    return str(bands[int(rng.integers(0, len(bands)))])
 
 
 def _is_int(value: Any) -> bool:
