@@ -61,6 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from rtcnn.errors import RtcnnInputError, cli_main
+from rtcnn.io.pairdir import atomic_write, check_output, check_output_dir, make_output_dir
 from rtcnn.roman import SCA_NPIX
 
 BENCH_BATCH = 256  # tiles per batch for the data benchmark
@@ -900,6 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
                            else "run every benchmark")
         p.add_argument("--out", default="outputs/bench",
                        help="folder for the JSON results (default: outputs/bench)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing OUT/bench-NAME.json")
         _common_args(p)
         for add in (ARGUMENTS.values() if name == "all" else [ARGUMENTS[name]]):
             add(p)
@@ -919,6 +922,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.bench == "_infer":
         print(json.dumps(_infer_child(args)))
         return {}
+    path = Path(args.out) / f"bench-{args.bench}.json"
+    if path.parent.exists():  # refused before any work: existing results, unwritable folder
+        check_output(path, args.overwrite, probe=True)
+    else:
+        check_output_dir(path.parent)
     import torch
 
     if args.threads is not None:
@@ -942,12 +950,22 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: the load average exceeded the {info['cores']} cores: other processes "
               "shared the CPUs, so wall-clock rates are low (with more than one torch thread "
               "much lower: OpenMP threads spin while they wait for a core)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{args.bench}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    make_output_dir(path.parent)
+    write_results(results, path, args.overwrite)
     print(f"results written to {path}")
     return results
+
+
+def write_results(results: dict, path: Path, overwrite: bool = False) -> Path:
+    """Write the results as JSON, atomically (:func:`rtcnn.io.pairdir.atomic_write`): a crash
+    leaves the previous file whole; an existing file is replaced only with ``overwrite``."""
+
+    def writer(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(results, fh, indent=2)
+            fh.write("\n")
+
+    return atomic_write(path, overwrite, writer)
 
 
 if __name__ == "__main__":
