@@ -8,21 +8,26 @@ each, an unusable pair skipped and named at the end — the same inputs and outp
 
 Method (the textbook matched-filter search on a difference image)
 -----------------------------------------------------------------
-1. **Difference** ``D = new - ref`` on the common pixel grid (the simulator's pairs
-   share the WCS; other pairs must be registered first). If both headers carry a zero
-   point, the reference is scaled to the new image's zero point. NaN/inf pixels of
-   either image are masked.
-2. **Noise model** per pixel of ``D``:
+The stages are those of the detector (:mod:`rtcnn.difference`, :mod:`rtcnn.measure`,
+:mod:`rtcnn.postprocess`); only the network is replaced by the matched filter.
+
+1. **Difference** ``D = new - ref`` on the common pixel grid
+   (:func:`rtcnn.difference.difference_image`). If both headers carry a zero point, the
+   reference is scaled to the new image's zero point. NaN/inf pixels of either image are
+   masked.
+2. **Noise model** per pixel of ``D`` (:func:`rtcnn.difference.noise_variance`):
    ``var = sigma_bkg^2 + max(ref, 0) / t_ref + max(new, 0) / t_new + (eta * max(|ref|, |new|))^2``
-   with ``sigma_bkg`` the robust (1.4826 MAD) background noise of ``D``, the Poisson
+   with ``sigma_bkg`` the robust background noise of ``D``
+   (:func:`rtcnn.difference.background_sigma`), the Poisson
    term of the sources in e-/s (``t`` = ``EXPTIME`` in s; dropped when absent) and a
-   subtraction-residual floor ``eta`` (:data:`RESIDUAL_FRACTION`) that absorbs the
+   subtraction-residual floor ``eta`` (:data:`rtcnn.difference.RESIDUAL_FRACTION`) that absorbs the
    PSF mismatch between the epochs around bright objects.
 3. **Detection**: the PSF matched filter ``S/N = (D * K) / sqrt(var * K^2)`` with ``K``
    the pixel-integrated Gaussian PSF of FWHM ``--fwhm``; local maxima of ``|S/N|``
    (positive = brightened, negative = faded) above a pre-threshold
-   (:func:`rtcnn.postprocess.find_peaks`, then :func:`~rtcnn.postprocess.nms`).
-4. **Measurement**: a weighted least-squares fit of the pixel-integrated Gaussian PSF
+   (:func:`rtcnn.difference.find_peaks`, then :func:`rtcnn.postprocess.nms`).
+4. **Measurement** (:func:`rtcnn.measure.fit_psf`, :func:`rtcnn.measure.shape_moments`):
+   a weighted least-squares fit of the pixel-integrated Gaussian PSF
    (position, flux, constant) on a 5x5 stamp of ``D`` around each peak, all candidates
    at once (vectorised Gauss-Newton: photutils' per-source fitters take milliseconds
    per source and a full SCA has thousands of candidates, mostly cosmic rays). The
@@ -35,7 +40,7 @@ Method (the textbook matched-filter search on a difference image)
    peak) must be ``<= CHI2_MAX``. Close detections are merged (NMS, ``NMS_RADIUS``).
 5. **dmag** = ``|m_ref - m_new|`` by aperture photometry of both images at the fitted
    position with a local annulus background and the header zero point
-   (:func:`rtcnn.photometry.magdiff`, paper eq. 1-2; a lower limit where the object is
+   (:func:`rtcnn.measure.photometric_dmag`, paper eq. 1-2; a lower limit where the object is
    below 3 sigma in one image), ``brightened`` = the sign of the fitted flux change.
 
 Defaults and how they were tuned
@@ -69,21 +74,22 @@ from astropy.table import Table
 from rtcnn.catalog import make_catalog, write_catalog, write_ds9_regions
 from rtcnn.cli import add_pair_arguments, check_outputs, pair_jobs, report_skipped
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
-from rtcnn.postprocess import find_peaks, nms
-from rtcnn.psffit import (  # noqa: F401 - band_fwhm, fit_psf, psf_sigma re-exported
-    DEFAULT_MODEL_ERROR,
+from rtcnn.difference import (
+    RESIDUAL_FRACTION,
     background_sigma,
-    band_fwhm,
-    fit_psf,
+    difference_image,
+    find_peaks,
+    noise_variance,
     psf_sigma,
-    shape_moments,
     snr_map,
 )
+from rtcnn.measure import DEFAULT_MODEL_ERROR, fit_psf, photometric_dmag, shape_moments
+from rtcnn.postprocess import nms
+from rtcnn.roman import band_fwhm
 
 log = logging.getLogger(__name__)
 
 BASELINE_THRESHOLD = 5.0  # sigma, minimum PSF S/N of a reported change (the conventional 5)
-RESIDUAL_FRACTION = 0.02  # eta: subtraction-residual noise per unit of local flux (tuned)
 MODEL_ERROR = DEFAULT_MODEL_ERROR  # PSF-model error in the fit's chi^2, fraction of the peak
 CHI2_MAX = 2.0  # maximum reduced chi^2 of the PSF fit (with MODEL_ERROR), tuned
 SIZE_MIN = 0.55  # px^2, smallest moment size Ixx + Iyy (Roman H158 PSF ~0.6-0.8), tuned
@@ -91,70 +97,6 @@ ELLIP_MAX = 0.3  # largest moment ellipticity (PSF < ~0.25; cosmic-ray tracks ~0
 PRE_THRESHOLD = 0.8  # peaks of the S/N map are kept down to this fraction of the threshold
 PEAK_RADIUS = 2  # px, half-width of the local-maximum box on the S/N map
 NMS_RADIUS = 2.5  # px, peaks closer than this are one candidate
-
-
-# --------------------------------------------------------------------------- pieces
-def difference_image(ref, new) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """``new - ref`` with the reference put on the new image's zero point.
-
-    Parameters
-    ----------
-    ref, new : rtcnn.io.Image
-        Same shape and pixel grid.
-
-    Returns
-    -------
-    diff, ref_data, new_data : (ny, nx) float32
-        Difference and the two (scaled, NaN-filled with 0) images, e-/s.
-    mask : (ny, nx) bool or None
-        True where either image is bad.
-    """
-    scale = 1.0
-    if ref.zeropoint is not None and new.zeropoint is not None:
-        scale = 10.0 ** (0.4 * (new.zeropoint - ref.zeropoint))
-    r = ref.filled(0.0)
-    if scale != 1.0:
-        r *= np.float32(scale)
-    n = new.filled(0.0)
-    if ref.mask is None and new.mask is None:
-        mask = None
-    else:
-        mask = np.zeros(new.shape, dtype=bool)
-        for m in (ref.mask, new.mask):
-            if m is not None:
-                mask |= m
-    return n - r, r, n, mask
-
-
-def noise_variance(
-    diff: np.ndarray,
-    ref: np.ndarray,
-    new: np.ndarray,
-    exptime_ref: float | None,
-    exptime_new: float | None,
-    mask: np.ndarray | None = None,
-    residual_fraction: float = RESIDUAL_FRACTION,
-) -> tuple[np.ndarray, float]:
-    """Per-pixel variance of the difference image (see the module docstring).
-
-    Returns
-    -------
-    var : (ny, nx) float32
-        (e-/s)^2; masked pixels get ``inf``.
-    sigma_bkg : float
-        Background noise per pixel of the difference, e-/s.
-    """
-    sigma_bkg = background_sigma(diff, mask)
-    var = np.full(diff.shape, sigma_bkg**2, dtype=np.float32)
-    if exptime_ref:
-        var += np.clip(ref, 0.0, None) / np.float32(exptime_ref)
-    if exptime_new:
-        var += np.clip(new, 0.0, None) / np.float32(exptime_new)
-    if residual_fraction > 0:
-        var += (np.float32(residual_fraction) * np.maximum(np.abs(ref), np.abs(new))) ** 2
-    if mask is not None:
-        var[mask] = np.inf
-    return var, sigma_bkg
 
 
 # --------------------------------------------------------------------------- pieces
@@ -274,31 +216,23 @@ def run_baseline(
         ``flux``, ``flux_err`` (e-/s, the fitted change) and ``chi2``; metadata names the
         inputs, ``model = 'baseline'``, the threshold, FWHM, noise and masked fraction.
     """
-    from rtcnn.align import read_aligned_pair
-    from rtcnn.photometry import magdiff
+    from rtcnn.io import read_pair
 
     if not threshold > 0:
         raise RtcnnInputError(None, f"--threshold must be > 0 sigma, got {threshold}")
-    ref, new, aligned = read_aligned_pair(ref_path, new_path)  # reference on the new grid
+    ref, new = read_pair(ref_path, new_path)
     fwhm = band_fwhm(new.band or ref.band) if fwhm is None else float(fwhm)
     psf_sigma(fwhm)  # validates
     wcs = new.require_wcs("give the candidates RA/Dec")
-    diff, r, n, mask = difference_image(ref, new)
+    d = difference_image(ref, new)
     try:
-        var, sigma_bkg = noise_variance(diff, r, n, ref.exptime, new.exptime, mask,
-                                        residual_fraction)  # fmt: skip
+        sigma_bkg = background_sigma(d.diff, d.mask)
     except RtcnnInputError as err:  # name the pair's new image in the message
         raise RtcnnInputError(err.path or new_path, err.problem) from None
+    var = noise_variance(d.ref, d.new, sigma_bkg, d.exptime, residual_fraction, d.mask)
     cuts = ShapeCuts() if cuts is None else cuts
-    found = find_changes(diff, var, fwhm, threshold, cuts)
-    xy = np.column_stack([found["x"], found["y"]])
-    dmag = np.full(len(found), np.nan)
-    zp = new.zeropoint
-    if len(found) and zp is not None:
-        nan = np.full(len(found), np.nan)
-        ph = magdiff(r, n, xy, nan, nan, zp, zp, use_catalog=False, mask_ref=mask,
-                     mask_new=mask, effective_gain=new.exptime)  # fmt: skip
-        dmag = np.asarray(ph["magdiff"], dtype=np.float64)
+    found = find_changes(d.diff, var, fwhm, threshold, cuts)
+    dmag = photometric_dmag(d, found["x"], found["y"])
     meta = {
         "ref": str(ref_path), "new": str(new_path), "model": "baseline",
         "method": "difference image, PSF matched filter, PSF fit (rtcnn.baseline)",
@@ -306,8 +240,7 @@ def run_baseline(
         "fwhm_px": float(fwhm), "sigma_bkg": sigma_bkg, "residual_fraction": residual_fraction,
         **{f"cut_{k}": v for k, v in dataclasses.asdict(cuts).items()},
         "image_shape": [int(v) for v in new.shape],
-        "masked_fraction": float(0.0 if mask is None else mask.mean()),
-        **aligned.meta(),
+        "masked_fraction": d.masked_fraction, "ref_scale": d.scale,
         "dmag": "|m_ref - m_new| (mag), aperture photometry, rtcnn.photometry.magdiff",
     }  # fmt: skip
     cat = make_catalog(found["x"], found["y"], found["snr"], dmag, found["brightened"], wcs, meta)

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from rtcnn.cli import add_pair_arguments, check_outputs, pair_jobs, report_skipped
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
-from rtcnn.inference import DMAG_SOURCES, MODES, resolve_device
+from rtcnn.inference import MODES, resolve_device
+from rtcnn.measure import DMAG_SOURCES
 from rtcnn.pipeline import (
     PRECISIONS,
     PairOptions,

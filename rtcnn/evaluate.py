@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rtcnn import plots, report
 from rtcnn.augment import D4_NAMES
+from rtcnn import checkpoint
 from rtcnn.catalog import atomic_write
 from rtcnn.errors import RtcnnInputError, cli_main
 from rtcnn.tasks import LocalizationTask
@@ -96,31 +97,18 @@ OmegaConf.register_new_resolver("rtcnn_eval_dir", _eval_dir_resolver, replace=Tr
 
 
 def check_checkpoint(ckpt_path) -> Path:
-    """Check that ``ckpt_path`` is a readable Lightning checkpoint; return it as a Path.
+    """Check that ``ckpt_path`` is a readable rtcnn checkpoint; return it as a Path.
 
     Raises
     ------
     RtcnnInputError
-        Not given, missing, a directory, unreadable by ``torch.load`` or without a
-        ``state_dict``.
+        Not given, or anything :func:`rtcnn.checkpoint.check_checkpoint` refuses (missing,
+        unreadable, pickled code, no ``state_dict``, a network class not rtcnn's).
     """
     if ckpt_path in (None, "", "???"):
         raise RtcnnInputError("ckpt_path", "no checkpoint given; pass ckpt_path=<run>/checkpoints/<file>.ckpt")
-    path = Path(str(ckpt_path))
-    if not path.exists():
-        raise RtcnnInputError(path, "checkpoint not found")
-    if not path.is_file():
-        raise RtcnnInputError(path, "checkpoint is not a file")
-    try:
-        # weights_only: never run code from a file named on the command line (as Lightning)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input problem
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-        raise RtcnnInputError(
-            path, f"not a readable PyTorch checkpoint ({type(err).__name__}: {first})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise RtcnnInputError(path, "not a Lightning checkpoint (no 'state_dict')")
-    return path
+    # the one safe loading policy: weights_only, rtcnn's own network classes only
+    return checkpoint.check_checkpoint(Path(str(ckpt_path)))
 
 
 def load_module(model_cfg: DictConfig, ckpt_path: str | Path, device: str = "cpu"):

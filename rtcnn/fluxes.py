@@ -63,7 +63,7 @@ from scipy import ndimage
 
 from rtcnn import roman
 from rtcnn.photometry import aperture_flux, roman_aperture_correction
-from rtcnn.psffit import stamp_index
+from rtcnn.tiles import stamp_index
 
 __all__ = [
     "AB_MAG_NJY", "FLAG_BITS", "MEASURED_COLUMNS", "add_measurements", "aperture_photometry",

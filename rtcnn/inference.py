@@ -1,142 +1,71 @@
-"""Full-image inference with the dense detector: a pair of arrays → sources.
+"""Network runs over a whole image: the dense detector on stamps or tiles, attn5's grid scan.
 
-Two ways to run :class:`rtcnn.models.detector.DenseDetector` over a whole image:
+Only the networks run here (torch); the pixels they see come from
+:mod:`rtcnn.difference` and what they report goes on to :mod:`rtcnn.postprocess`.
 
-* ``mode="stamps"`` (the CPU default) — a cheap classical pass first: the difference
-  image ``new - ref`` is smoothed with a Gaussian matched filter
-  (:data:`CANDIDATE_SIGMA` px), divided by its robust noise, and every local maximum
-  of ``|S/N|`` above :data:`CANDIDATE_SNR` becomes a candidate. The network then runs
-  on a :data:`STAMP_SIZE` px stamp around each candidate (batched, no loop per stamp)
-  and keeps its best detection within :data:`ACCEPT_RADIUS` px of the candidate.
-  On a 4088x4088 Roman SCA this scores about 3000 stamps instead of 16.7 M pixels.
-  The network still decides everything (score, position, sign); the candidate pass
-  only skips the sky where the difference image stays below 4 sigma. On a validation
-  SCA (seed 5151) lowering it to 3.5 sigma doubled the stamps and changed m50 by
-  +0.04 mag at 50 % more false positives (network threshold 0.5), and nothing at
-  threshold 0.7: the network itself reports little below ~4.5 sigma.
-* ``mode="dense"`` (the GPU default) — the network runs on overlapping
-  :data:`DENSE_TILE` px tiles of the whole image; the cell maps are stitched
-  (:class:`rtcnn.postprocess.TileStitcher`, each cell from the tile where it lies
-  furthest from the edge, the overlap :data:`DENSE_OVERLAP` px exceeding the
-  receptive field) and decoded once.
+* :func:`stamp_detections` (``mode="stamps"``, the CPU default) — the network on a
+  :data:`STAMP_SIZE` px stamp around each classical candidate
+  (:func:`rtcnn.difference.find_candidates`), batched, no loop per stamp. On a 4088x4088
+  Roman SCA this scores about 3000 stamps instead of 16.7 M pixels; the network still
+  decides everything (score, position, sign), the candidate pass only skips the sky where
+  the difference image stays below 4 sigma. Stamps are aligned with the network's cell
+  grid, so a stamp sees what the whole image would.
+* :func:`dense_detections` (``mode="dense"``, the GPU default) — the network on
+  overlapping :data:`DENSE_TILE` px tiles of the whole image; the cell maps are stitched
+  (:class:`TileStitcher`, each cell from the tile where it lies furthest from the edge,
+  the overlap :data:`DENSE_OVERLAP` px exceeding the receptive field) and decoded once.
+* ``tta`` — the network averaged over the 8 D4 views of each stamp.
+* :func:`scan_attn5` — attn5 on every 64 px tile of a pair, one position per tile.
 
-Both end with non-maximum suppression (:func:`rtcnn.postprocess.nms`) and return a
-:class:`rtcnn.postprocess.Sources` with ``dmag >= 0`` (mag) and ``brightened``.
-Positions follow the package convention (:mod:`rtcnn`): 0-based, integer = pixel
-centre, arrays ``[y, x]``. No file I/O here (see :mod:`rtcnn.detect`).
+Detections are the network's readout (:func:`rtcnn.models.detector.decode`: 3x3 cell
+peaks above the threshold, sub-pixel offsets) as numpy arrays. Positions follow the
+package convention (:mod:`rtcnn`): 0-based, integer = pixel centre, arrays ``[y, x]``.
+No file I/O here.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from rtcnn.augment import D4, D4_NAMES, apply_image, invert_coords
-from rtcnn.catalog import catalog_from_sources
 from rtcnn.errors import RtcnnInputError
-from rtcnn.models.detector import (
-    MAD_TO_SIGMA,
-    MIN_SIGMA,
-    DenseDetector,
-    decode,
-    fuse_batchnorm,
-)
-from rtcnn.postprocess import Sources, TileStitcher, nms
-from rtcnn.psffit import band_fwhm, fit_psf, psf_sigma, stamp_index
-from rtcnn.tiles import tile_origins
+from rtcnn.models.detector import DenseDetector, decode, fuse_batchnorm
+from rtcnn.tiles import TILE_SIZE, TILE_STRIDE, tile_origins
 
-CANDIDATE_SIGMA = 1.0  # px, sigma of the Gaussian matched filter of the candidate pass
-CANDIDATE_SNR = 4.0  # |S/N| of the matched-filtered difference that makes a candidate
-CANDIDATE_SHARP_MAX = 0.8  # a peak with more of its 3x3 flux in one pixel is a cosmic ray
-CANDIDATE_MIN_DISTANCE = 2  # px, half-width of the candidate local-maximum box (5x5)
+__all__ = [
+    "DENSE_OVERLAP",
+    "DENSE_TILE",
+    "MODES",
+    "STAMP_SIZE",
+    "TileStitcher",
+    "dense_detections",
+    "extract_stamps",
+    "native_bf16",
+    "prepare_detector",
+    "resolve_device",
+    "scan_attn5",
+    "stamp_detections",
+    "stamp_origins",
+]
+
 STAMP_SIZE = 32  # px, stamp side (>= the 31 px receptive field of the default net)
-ACCEPT_RADIUS = 3.0  # px, a stamp's detection counts only this close to its candidate
-MERGE_RADIUS = 2.0  # px, NMS radius of the final merge (one source, one detection)
-REFINE_MAX_SHIFT = 1.0  # px, a PSF fit further than this from the network's position is unused
-REFINE_MIN_SNR = 5.0  # PSF-fit S/N below which the network's position is kept (it is better)
-FIT_HALF = 2  # px, the PSF fit uses the (2 FIT_HALF + 1)^2 pixels around a detection
-WIDE_FIT_HALF = 5  # px, stamp half-width of the refit of bright detections (11x11)
-WIDE_FIT_SNR = 20.0  # |S/N| of the first fit above which the wide refit is used
-RESIDUAL_FRACTION = 0.02  # subtraction-residual noise per unit of local flux (the baseline's eta)
 DENSE_TILE = 512  # px, tile side in dense mode
 DENSE_OVERLAP = 64  # px, tile overlap in dense mode (2x the receptive field)
-NOISE_SUBSAMPLE = 4  # take every 4th row and column for the global noise estimate
 DEFAULT_BATCH = 512  # stamps per forward pass on CPU
+DENSE_BATCH = {"cpu": 4, "cuda": 16}  # tiles per forward pass in dense mode
+SCAN_BATCH = 512  # tiles per forward pass of the attn5 grid scan
 MODES = ("auto", "stamps", "dense")
-DMAG_SOURCES = ("photometry", "network")  # where the catalog's dmag comes from
 
 
-@dataclass(frozen=True)
-class Candidates:
-    """Candidate pixels of the classical pass, by decreasing ``|S/N|``.
-
-    Attributes
-    ----------
-    ix, iy : (N,) int64
-        Pixel column and row.
-    snr : (N,) float64
-        Matched-filter ``|S/N|`` of the difference image at the pixel.
-    """
-
-    ix: np.ndarray
-    iy: np.ndarray
-    snr: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ix)
-
-
-# --------------------------------------------------------------------------- model
-def load_detector(ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> DenseDetector:
-    """Load the network of a :class:`rtcnn.tasks.detection.DetectionTask` checkpoint.
-
-    Reads the Lightning checkpoint with plain :func:`torch.load` (no Lightning import):
-    the network is rebuilt from ``hyper_parameters["net"]`` (``{"_target_": ...,
-    **config}``), given the ``net.*`` weights, its batch norms folded into the
-    convolutions (:func:`rtcnn.models.detector.fuse_batchnorm`), in eval mode and
-    channels-last memory layout on ``device``. Its ``saved_threshold`` attribute is the
-    task's score threshold from the same checkpoint (``hyper_parameters["threshold"]``,
-    None if absent), so the file is read once.
-
-    Raises
-    ------
-    RtcnnInputError
-        Missing or unreadable file, or not a detector checkpoint.
-    """
-    path = os.fspath(ckpt)
-    if not os.path.isfile(path):
-        raise RtcnnInputError(path, "no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a bad file
-        raise RtcnnInputError(path, f"not a readable checkpoint ({type(err).__name__})") from None
-    spec = dict((state.get("hyper_parameters") or {}).get("net") or {})
-    target = spec.pop("_target_", None)
-    if not isinstance(state, dict) or "state_dict" not in state or target is None:
-        raise RtcnnInputError(path, "not a detector checkpoint (no network spec in it)")
-    module, _, name = target.rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None)
-    if cls is None or not issubclass(cls, DenseDetector):
-        raise RtcnnInputError(path, f"checkpoint holds {target}, not a dense detector")
-    net = cls(**spec)
-    weights = {k[len("net."):].replace("_orig_mod.", ""): v
-               for k, v in state["state_dict"].items() if k.startswith("net.")}  # fmt: skip
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as err:
-        raise RtcnnInputError(path, f"weights do not fit {target} ({str(err)[:200]})") from None
+# --------------------------------------------------------------------------- devices
+def prepare_detector(net: DenseDetector, device: torch.device | str = "cpu") -> DenseDetector:
+    """A loaded detector ready for inference: batch norms folded into the convolutions
+    (:func:`rtcnn.models.detector.fuse_batchnorm`), eval mode, channels-last on ``device``."""
     fuse_batchnorm(net)
-    saved = state["hyper_parameters"].get("threshold")
-    net.saved_threshold = None if saved is None else float(saved)
-    return net.eval().to(device, memory_format=torch.channels_last)
+    return net.eval().to(torch.device(device), memory_format=torch.channels_last)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -169,135 +98,6 @@ def native_bf16(device: torch.device | str) -> bool:
         except RuntimeError:
             return False
     return False
-
-
-# --------------------------------------------------------------------------- classical pass
-def mad_sigma(values: np.ndarray) -> float:
-    """``1.4826 * median(|v - median(v)|)`` of the finite values (0 if none)."""
-    v = np.asarray(values, dtype=np.float32).ravel()
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return 0.0
-    med = np.median(v)
-    return float(MAD_TO_SIGMA * np.median(np.abs(v - med)))
-
-
-def image_sigma(ref: np.ndarray, new: np.ndarray, step: int = NOISE_SUBSAMPLE) -> float:
-    """Global pixel noise (e-/s) of a pair, as the network's normalisation defines it.
-
-    The mean of the two images' MAD sigmas (:func:`rtcnn.models.detector.robust_sigma`)
-    on every ``step``-th row and column, floored at :data:`MIN_SIGMA`.
-    """
-    s = 0.5 * (mad_sigma(ref[::step, ::step]) + mad_sigma(new[::step, ::step]))
-    return max(s, MIN_SIGMA)
-
-
-def find_candidates(
-    diff: np.ndarray,
-    threshold: float = CANDIDATE_SNR,
-    sigma_psf: float = CANDIDATE_SIGMA,
-    mask: np.ndarray | None = None,
-    min_distance: int = CANDIDATE_MIN_DISTANCE,
-    sharp_max: float = CANDIDATE_SHARP_MAX,
-) -> Candidates:
-    """Local maxima of the matched-filtered difference image, ``|S/N| >= threshold``.
-
-    Peaks whose centre pixel holds more than ``sharp_max`` of the 3x3 flux
-    (:func:`peak_fraction`) are single-pixel cosmic-ray hits and are dropped here
-    (about one candidate in eight of a simulated SCA, never a real change) rather than
-    scored by the network, which rejects them anyway.
-
-    Parameters
-    ----------
-    diff : (ny, nx) float32
-        ``new - ref`` in e-/s, bad pixels set to 0.
-    threshold : float
-        Minimum ``|S/N|`` (both brightenings and fadings are candidates).
-    sigma_psf : float
-        Sigma (px) of the Gaussian matched filter.
-    mask : (ny, nx) bool, optional
-        True = bad pixel, never a candidate.
-    min_distance : int
-        Half-width (px) of the local-maximum box.
-    sharp_max : float
-        Largest centre-pixel share of a candidate (1 keeps every peak).
-
-    Returns
-    -------
-    Candidates
-    """
-    if diff.ndim != 2:
-        raise RtcnnInputError(None, f"difference image must be 2-D, got shape {diff.shape}")
-    smooth = ndimage.gaussian_filter(diff.astype(np.float32, copy=False), sigma_psf, truncate=3.0)
-    noise = max(mad_sigma(smooth[::NOISE_SUBSAMPLE, ::NOISE_SUBSAMPLE]), MIN_SIGMA)
-    np.abs(smooth, out=smooth)
-    ix, iy, peak = sparse_peaks(smooth, threshold * noise, min_distance, mask)
-    sharp = peak_fraction(diff, ix, iy) > sharp_max
-    return Candidates(ix[~sharp], iy[~sharp], peak[~sharp] / noise)
-
-
-def peak_fraction(diff: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
-    """Share of the 3x3 flux (of the candidate's sign, clipped at 0) in the centre pixel.
-
-    The Roman PSF puts at most about half of its 3x3 light in one pixel (0.66 was the
-    largest share among the ~1300 real changes of two simulated SCAs, noise included); a
-    cosmic-ray hit on one pixel puts nearly all of it there.
-
-    Returns
-    -------
-    (N,) float64 in [0, 1] (NaN where the 3x3 flux is 0).
-    """
-    ny, nx = diff.shape
-    ix = np.asarray(ix, np.int64)
-    iy = np.asarray(iy, np.int64)
-    centre = diff[iy, ix].astype(np.float64)
-    sign = np.sign(centre)
-    total = np.zeros(len(ix))
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            yy, xx = np.clip(iy + dy, 0, ny - 1), np.clip(ix + dx, 0, nx - 1)
-            total += np.clip(sign * diff[yy, xx], 0.0, None)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return sign * centre / total
-
-
-def sparse_peaks(image: np.ndarray, threshold: float, min_distance: int,
-                 mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Local maxima above ``threshold`` of a mostly sub-threshold image.
-
-    The same peaks as :func:`rtcnn.postprocess.find_peaks` (a pixel at least as high as
-    every pixel of its ``(2 min_distance + 1)^2`` box, edges excluded from the box), but
-    only the pixels above ``threshold`` are compared with their neighbours, so on a
-    difference image where a few in 10^3 pixels pass it costs one threshold pass
-    instead of a full maximum filter.
-
-    Returns
-    -------
-    ix, iy : (N,) int64
-        Peak columns and rows, by decreasing value (ties in raster order).
-    value : (N,) float64
-    """
-    ny, nx = image.shape
-    flat = np.flatnonzero(image >= threshold)
-    if mask is not None:
-        flat = flat[~mask.ravel()[flat]]
-    iy, ix = np.divmod(flat, nx)
-    value = image.ravel()[flat]
-    is_peak = np.ones(len(flat), dtype=bool)
-    for dy in range(-min_distance, min_distance + 1):
-        for dx in range(-min_distance, min_distance + 1):
-            if dx == 0 and dy == 0:
-                continue
-            yy, xx = iy + dy, ix + dx
-            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-            nb = np.full(len(flat), -np.inf, dtype=np.float64)
-            nb[inside] = image[yy[inside], xx[inside]]
-            if mask is not None:  # bad pixels never block a peak (as in find_peaks)
-                nb[inside] = np.where(mask[yy[inside], xx[inside]], -np.inf, nb[inside])
-            is_peak &= value >= nb
-    ix, iy, value = ix[is_peak], iy[is_peak], value[is_peak].astype(np.float64)
-    order = np.lexsort((ix, iy, -value))
-    return ix[order].astype(np.int64), iy[order].astype(np.int64), value[order]
 
 
 # --------------------------------------------------------------------------- stamps
@@ -398,139 +198,207 @@ def _forward_d4(net: DenseDetector, x: np.ndarray, sigma: float, device: torch.d
     return acc
 
 
-def _final(x, y, score, dmag, brightened, threshold, merge_radius) -> Sources:
-    x, y, score, dmag = (np.asarray(a, np.float64) for a in (x, y, score, dmag))
-    brightened = np.asarray(brightened, bool)
-    ok = score >= threshold
-    x, y, score, dmag, brightened = x[ok], y[ok], score[ok], dmag[ok], brightened[ok]
-    keep = nms(x, y, score, merge_radius)
-    return Sources(x=x[keep], y=y[keep], score=score[keep], dmag=np.abs(dmag[keep]),
-                   brightened=brightened[keep])  # fmt: skip
-
-
 @torch.inference_mode()
-def detect_stamps(
+def stamp_detections(
     net: DenseDetector,
     ref: np.ndarray,
     new: np.ndarray,
+    ix: np.ndarray,
+    iy: np.ndarray,
     threshold: float,
+    sigma: float,
     *,
-    mask: np.ndarray | None = None,
-    sigma: float | None = None,
-    candidate_snr: float = CANDIDATE_SNR,
     stamp_size: int = STAMP_SIZE,
-    accept_radius: float = ACCEPT_RADIUS,
-    merge_radius: float = MERGE_RADIUS,
     batch_size: int = DEFAULT_BATCH,
     device: torch.device | str = "cpu",
     bf16: bool = False,
     tta: bool = False,
-    diff: np.ndarray | None = None,
-    post=None,
     progress=None,
-) -> tuple[Sources, Candidates]:
-    """Candidates from the difference image, then the network on a stamp around each.
+) -> Iterator[dict[str, np.ndarray]]:
+    """The network on a stamp around each candidate pixel, one batch at a time.
 
     Parameters
     ----------
     net : DenseDetector
-        In eval mode, on ``device``.
+        In eval mode, on ``device`` (:func:`prepare_detector`).
     ref, new : (ny, nx) float32
-        Reference and new image (e-/s), bad pixels set to 0.
+        Reference (on the new zero point) and new image (e-/s), bad pixels 0.
+    ix, iy : (K,) int
+        Candidate pixels (:func:`rtcnn.difference.find_candidates`).
     threshold : float
-        Minimum network score of a reported source.
-    mask : (ny, nx) bool, optional
-        True = bad pixel in either image.
-    sigma : float, optional
-        Global pixel noise (e-/s); default :func:`image_sigma`.
-    candidate_snr, stamp_size, accept_radius, merge_radius : float
-        See the module constants.
-    batch_size : int
-        Stamps per forward pass.
+        Minimum network score of a detection.
+    sigma : float
+        Global pixel noise (e-/s), :func:`rtcnn.difference.image_sigma`.
+    stamp_size, batch_size : int
+        Stamp side (px) and stamps per forward pass.
     device : torch device
     bf16 : bool
-        Run the network under bfloat16 autocast.
+        bfloat16 autocast.
     tta : bool
         Average the network over the 8 D4 views of each stamp (8x the network time).
-    diff : (ny, nx) float32, optional
-        ``new - ref`` if already computed.
-    post : callable, optional
-        ``post(sources)`` is called with each batch's detections (above ``threshold``,
-        before the final merge) and returns a future (``.result()`` -> Sources): the
-        caller's per-detection measurements (PSF refinement, photometry) then run in
-        its worker while the network scores the next batch. The merge uses the
-        returned sources.
     progress : tqdm-like, optional
-        ``progress.reset(total=n_stamps)``, then ``progress.update(n)`` after each batch.
+        ``progress.reset(total=K)``, then ``progress.update(n)`` after each batch.
 
-    Returns
-    -------
-    sources : Sources
-        Detections, ``dmag >= 0``, by decreasing score.
-    candidates : Candidates
-        The candidate pixels that were scored.
+    Yields
+    ------
+    dict of numpy arrays, one per batch
+        ``batch`` (M,) int64 candidate index, ``xy`` (M, 2) float64 image px, ``score``,
+        ``dmag`` (M,) float64 and ``brightened`` (M,) bool: every cell peak of the stamps
+        above ``threshold``.
     """
     device = torch.device(device)
-    if sigma is None:
-        sigma = image_sigma(ref, new)
-    cand = find_candidates(new - ref if diff is None else diff, candidate_snr, mask=mask)
     stride = net.stride
     ref, new = _pad_to(ref, stride), _pad_to(new, stride)
-    origins = stamp_origins(cand.ix, cand.iy, ref.shape, stamp_size, align=stride)
+    origins = stamp_origins(ix, iy, ref.shape, stamp_size, align=stride)
     if progress is not None:
-        progress.reset(total=len(cand))
-    parts = []
-    for sl in _batches(len(cand), batch_size):
-        forward = _forward_d4 if tta else _forward
+        progress.reset(total=len(origins))
+    forward = _forward_d4 if tta else _forward
+    for sl in _batches(len(origins), batch_size):
         out = forward(net, extract_stamps(ref, new, origins[sl], stamp_size), sigma, device, bf16)
         det = decode(out, threshold=threshold, stride=stride)
         b = det["batch"].cpu().numpy() + sl.start
-        xy = det["xy"].cpu().numpy().astype(np.float64) + origins[b]
-        score = det["score"].cpu().numpy()
-        near = np.hypot(xy[:, 0] - cand.ix[b], xy[:, 1] - cand.iy[b]) <= accept_radius
-        # one detection per candidate: its stamp's best peak near it
-        order = np.lexsort((-score, b))
-        keep = order[near[order]]
-        keep = keep[np.r_[True, b[keep][1:] != b[keep][:-1]]] if len(keep) else keep
-        part = Sources(x=xy[keep, 0], y=xy[keep, 1], score=score[keep].astype(np.float64),
-                       dmag=det["dmag"].cpu().numpy()[keep].astype(np.float64),
-                       brightened=det["brightened"].cpu().numpy()[keep])  # fmt: skip
-        parts.append(part if post is None else post(part))
+        yield {"batch": b,
+               "xy": det["xy"].cpu().numpy().astype(np.float64) + origins[b],
+               "score": det["score"].cpu().numpy().astype(np.float64),
+               "dmag": det["dmag"].cpu().numpy().astype(np.float64),
+               "brightened": det["brightened"].cpu().numpy()}  # fmt: skip
         if progress is not None:
             progress.update(sl.stop - sl.start)
-    parts = [p if post is None else p.result() for p in parts]
-    merged = {k: np.concatenate([getattr(p, k) for p in parts]) if parts else np.zeros(0)
-              for k in ("x", "y", "score", "dmag", "brightened")}  # fmt: skip
-    src = _final(merged["x"], merged["y"], merged["score"], merged["dmag"],
-                 merged["brightened"], threshold, merge_radius)  # fmt: skip
-    return src, cand
+
+
+# --------------------------------------------------------------------------- dense
+# --------------------------------------------------------------------------- stitching
+def _owned_intervals(starts: np.ndarray, length: int, size: int) -> dict[int, tuple[int, int]]:
+    """Per-axis ownership: which local pixel range ``[lo, hi)`` each tile start keeps.
+
+    A pixel ``p`` belongs to the tile whose pixel-edge distance
+    ``min(p - s + 0.5, s + size - 0.5 - p)`` is largest (the first such tile on a tie).
+    For tiles of equal size sorted by start the owner is monotonic in ``p``, so each
+    tile owns one contiguous interval, and the intervals partition ``[0, length)``.
+    """
+    p = np.arange(length, dtype=np.float64)[:, None]
+    s = starts[None, :].astype(np.float64)
+    dist = np.minimum(p - s + 0.5, s + size - 0.5 - p)  # (length, n) <0 outside the tile
+    owner = np.argmax(dist, axis=1)
+    out = {}
+    for i, start in enumerate(starts):
+        idx = np.flatnonzero(owner == i)
+        if idx.size == 0:  # a tile fully inside its neighbours' regions owns nothing
+            out[int(start)] = (0, 0)
+            continue
+        out[int(start)] = (int(idx[0] - start), int(idx[-1] + 1 - start))
+    return out
+
+
+class TileStitcher:
+    """Assemble per-tile maps, added batch by batch, into full-image maps.
+
+    Each pixel is copied from the tile in which it is furthest from the tile edge: the
+    tiles' owned rectangles partition the image (exact, no averaging).
+
+    Parameters
+    ----------
+    shape : (ny, nx)
+        Full map shape (px or cells).
+    channels : int
+        Number of map channels per tile (e.g. 5 for score, dx, dy, dmag, sign).
+    size : int
+        Tile size, in the units of ``shape``.
+    origins : (N, 2) int
+        The tile grid ``(x0, y0)``, a product grid (every ``x0`` with every ``y0``) as
+        :func:`rtcnn.tiles.tile_origins` returns.
+
+    Notes
+    -----
+    Memory is one ``(channels, ny, nx)`` float32 array.
+    """
+
+    def __init__(self, shape: tuple[int, int], channels: int, size: int, origins: np.ndarray):
+        if channels < 1:
+            raise RtcnnInputError(None, f"channels must be >= 1, got {channels}")
+        ny, nx = (int(v) for v in shape)
+        origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+        xs, ys = np.unique(origins[:, 0]), np.unique(origins[:, 1])
+        if len(xs) * len(ys) != len(origins):
+            raise RtcnnInputError(None, "tile origins do not form a product grid")
+        if xs[0] < 0 or ys[0] < 0 or xs[-1] + size > nx or ys[-1] + size > ny:
+            raise RtcnnInputError(None, f"tile origins reach outside the {ny}x{nx} map")
+        if xs[0] != 0 or ys[0] != 0 or np.any(np.diff(xs) > size) or np.any(np.diff(ys) > size):
+            raise RtcnnInputError(None, "tile grid leaves pixels uncovered")
+        self.shape = (ny, nx)
+        self.channels = int(channels)
+        self.size = int(size)
+        self._own_x = _owned_intervals(xs, nx, size)
+        self._own_y = _owned_intervals(ys, ny, size)
+        self._out = np.zeros((self.channels, ny, nx), dtype=np.float32)
+        self._filled = np.zeros((ny, nx), dtype=bool)
+
+    def add(self, tile_maps: np.ndarray, origins: np.ndarray) -> None:
+        """Add a batch of tile maps.
+
+        Parameters
+        ----------
+        tile_maps : (B, C, size, size) float
+            Per-tile maps (numpy).
+        origins : (B, 2) int
+            Tile origins ``(x0, y0)``, each one of the grid's origins.
+        """
+        maps = np.asarray(tile_maps, dtype=np.float32)
+        origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+        s = self.size
+        if maps.ndim != 4 or maps.shape[1:] != (self.channels, s, s):
+            raise RtcnnInputError(None, f"tile maps have shape {maps.shape}, expected "
+                                  f"(B, {self.channels}, {s}, {s})")  # fmt: skip
+        if len(maps) != len(origins):
+            raise RtcnnInputError(None, f"{len(maps)} tile maps but {len(origins)} origins")
+        for tile, (x0, y0) in zip(maps, origins):
+            x0, y0 = int(x0), int(y0)
+            if x0 not in self._own_x or y0 not in self._own_y:
+                raise RtcnnInputError(None, f"tile origin ({x0}, {y0}) is not on the grid")
+            lx0, lx1 = self._own_x[x0]
+            ly0, ly1 = self._own_y[y0]
+            win = (slice(y0 + ly0, y0 + ly1), slice(x0 + lx0, x0 + lx1))
+            self._out[(slice(None), *win)] = tile[:, ly0:ly1, lx0:lx1]
+            self._filled[win] = True
+
+    def result(self) -> np.ndarray:
+        """The stitched maps, ``(C, ny, nx) float32``; pixels no tile covered are NaN."""
+        out = self._out.copy()
+        out[:, ~self._filled] = np.nan
+        return out
+
 
 
 @torch.inference_mode()
-def detect_dense(
+def dense_detections(
     net: DenseDetector,
     ref: np.ndarray,
     new: np.ndarray,
     threshold: float,
+    sigma: float,
     *,
-    sigma: float | None = None,
     tile: int = DENSE_TILE,
     overlap: int = DENSE_OVERLAP,
-    merge_radius: float = MERGE_RADIUS,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: torch.device | str = "cpu",
     bf16: bool = False,
     progress=None,
-) -> Sources:
+) -> dict[str, np.ndarray]:
     """The network on overlapping tiles of the whole image, cell maps stitched, decoded once.
 
-    Parameters are those of :func:`detect_stamps`; ``tile`` and ``overlap`` (px) set the
-    tile grid (:func:`rtcnn.tiles.tile_origins`), ``batch_size`` is in tiles. Images whose
-    sides are not multiples of the network stride are zero-padded.
+    Parameters are those of :func:`stamp_detections`; ``tile`` and ``overlap`` (px) set
+    the tile grid (:func:`rtcnn.tiles.tile_origins`), ``batch_size`` is in tiles
+    (default :data:`DENSE_BATCH`). Images whose sides are not multiples of the network
+    stride are zero-padded.
+
+    Returns
+    -------
+    dict of numpy arrays
+        ``xy`` (M, 2) float64 image px, ``score``, ``dmag`` (M,) float64, ``brightened``
+        (M,) bool: the cell peaks above ``threshold`` that lie on the image.
     """
     device = torch.device(device)
-    if sigma is None:
-        sigma = image_sigma(ref, new)
+    batch_size = batch_size or DENSE_BATCH.get(device.type, DENSE_BATCH["cpu"])
     s = net.stride
     ny, nx = ref.shape
     ref, new = _pad_to(ref, s), _pad_to(new, s)
@@ -558,267 +426,36 @@ def detect_dense(
     det = decode(out, threshold=threshold, stride=s)
     xy = det["xy"].numpy()
     inside = (xy[:, 0] < nx - 0.5) & (xy[:, 1] < ny - 0.5)
-    return _final(xy[inside, 0], xy[inside, 1], det["score"].numpy()[inside],
-                  det["dmag"].numpy()[inside], det["brightened"].numpy()[inside],
-                  threshold, merge_radius)  # fmt: skip
+    return {"xy": xy[inside].astype(np.float64),
+            "score": det["score"].numpy()[inside].astype(np.float64),
+            "dmag": det["dmag"].numpy()[inside].astype(np.float64),
+            "brightened": det["brightened"].numpy()[inside]}  # fmt: skip
 
 
-# --------------------------------------------------------------------------- positions
-def psf_refine(diff: np.ndarray, sources: Sources, fwhm: float, *,
-               ref: np.ndarray | None = None, new: np.ndarray | None = None,
-               exptime: tuple[float | None, float | None] = (None, None),
-               sigma_bkg: float | None = None, max_shift: float = REFINE_MAX_SHIFT,
-               min_snr: float = REFINE_MIN_SNR) -> tuple[Sources, np.ndarray]:
-    """Refine detected positions by a PSF fit to the difference image.
+# --------------------------------------------------------------------------- attn5
+def scan_attn5(net, ref: np.ndarray, new: np.ndarray, batch_size: int = SCAN_BATCH,
+               device="cpu", bf16: bool = False) -> np.ndarray:
+    """Run attn5 on every 64 x 64 tile (stride 54) of a pair: one position per tile.
 
-    The network's positions (cell centre + offset head) come within about 0.07 px for
-    bright sources; a weighted least-squares fit of the pixel-integrated Gaussian PSF of
-    FWHM ``fwhm`` (px) on the 5x5 pixels of ``new - ref`` around each detection
-    (:func:`rtcnn.psffit.fit_psf`, the classical measurement) does better wherever the
-    source is bright enough. The weights are the baseline's noise model: background,
-    the sources' Poisson noise and the subtraction-residual floor
-    (:data:`RESIDUAL_FRACTION`, the baseline's value), when ``ref``, ``new``, ``exptime`` and
-    ``sigma_bkg`` are given (uniform weights otherwise). Detections whose fit has
-    ``|S/N| >= WIDE_FIT_SNR`` are refitted on a wider stamp (:data:`WIDE_FIT_HALF`): on the
-    validation SCA (seed 5151) that took the median error of S/N > 30 transients from
-    0.037 to 0.036 px, on the test SCAs (seed 7777) from 0.026 to 0.021 px, with the
-    Gaussian PSF model's mismatch to the Roman PSF as the floor. A fit with ``|S/N| < min_snr``,
-    that fails, or that lands more than ``max_shift`` px from the network's position is
-    not used: the network's position is kept.
+    Tiles are gathered a batch at a time (:func:`extract_stamps`, no loop per tile),
+    minmax-normalised as the data layer does (:func:`rtcnn.data.normalize_tiles`; NaN
+    pixels end as 0), channel 0 the reference.
 
     Returns
     -------
-    sources : Sources
-        With refined ``x``, ``y`` (other fields unchanged).
-    used : (N,) bool
-        Where the fit was used.
+    (N, 2) float32
+        The predicted ``(x, y)`` in image px of each tile of :func:`rtcnn.tiles.tile_origins`.
     """
+    from rtcnn.data import normalize_tiles
 
-    n = len(sources)
-    if n == 0:
-        return sources, np.zeros(0, dtype=bool)
-    fit = None
-    x, y = sources.x, sources.y
-    for _ in range(2):  # refit on the stamp centred on the first fit's pixel
-        fit = _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg)
-        ok = fit["ok"] & (np.hypot(fit["x"] - sources.x, fit["y"] - sources.y) <= max_shift)
-        x, y = np.where(ok, fit["x"], x), np.where(ok, fit["y"], y)
-    # bright sources: refit on a wider stamp (more of the PSF's wings constrain the centre)
-    wide = fit["ok"] & (np.abs(fit["snr"]) >= WIDE_FIT_SNR)
-    if wide.any():
-        fw = _fit_stamps(diff, x[wide], y[wide], fwhm, ref, new, exptime, sigma_bkg,
-                         half=WIDE_FIT_HALF)  # fmt: skip
-        for key in fit:
-            fit[key][wide] = np.where(fw["ok"], fw[key], fit[key][wide])
-    used = (fit["ok"] & (np.abs(fit["snr"]) >= min_snr)
-            & (np.hypot(fit["x"] - sources.x, fit["y"] - sources.y) <= max_shift))  # fmt: skip
-    x = np.where(used, fit["x"], sources.x)
-    y = np.where(used, fit["y"], sources.y)
-    return Sources(x=x, y=y, score=sources.score, dmag=sources.dmag,
-                   brightened=sources.brightened), used  # fmt: skip
-
-
-def _fit_stamps(diff, x, y, fwhm, ref, new, exptime, sigma_bkg,
-                half: int = FIT_HALF) -> dict[str, np.ndarray]:
-    """:func:`rtcnn.psffit.fit_psf` on the ``(2 half + 1)^2`` stamps around ``(x, y)``."""
-    n = len(x)
-    ny, nx = diff.shape
-    ix = np.clip(np.round(x).astype(np.int64), 0, nx - 1)
-    iy = np.clip(np.round(y).astype(np.int64), 0, ny - 1)
-    # the fit reads the pixels around each detection: lay those stamps side by side in
-    # a strip (zero data, zero weight beyond the image edge), with the noise model's
-    # variance computed on the stamps only
-    w = 2 * half + 1
-    rows, cols, inside = stamp_index(diff.shape, ix, iy, half)
-    var = np.ones((n, w, w))
-    if ref is not None and new is not None and sigma_bkg is not None:
-        r, s = ref[rows, cols].astype(np.float64), new[rows, cols].astype(np.float64)
-        var = np.full((n, w, w), sigma_bkg**2)
-        for img, t in ((r, exptime[0]), (s, exptime[1])):
-            if t:
-                var += np.clip(img, 0.0, None) / t
-        var += (RESIDUAL_FRACTION * np.maximum(np.abs(r), np.abs(s))) ** 2
-
-    def strip(a):
-        return a.transpose(1, 0, 2).reshape(w, n * w)
-
-    d = np.where(inside, diff[rows, cols], 0.0)
-    var = np.where(inside, var, np.inf)
-    sx = np.arange(n) * w + half
-    fit = fit_psf(strip(d), strip(var), sx, np.full(n, half), psf_sigma(fwhm), half=half)
-    fit["x"] = fit["x"] - sx + ix
-    fit["y"] = fit["y"] - half + iy
-    return fit
-
-
-def photometric_dmag(ref, new, ref_a: np.ndarray, new_a: np.ndarray, sources: Sources,
-                     mask: np.ndarray | None = None) -> np.ndarray | None:
-    """``|m_ref - m_new|`` (mag) by aperture photometry of both images at each source.
-
-    Paper eq. 1-2 with local-annulus backgrounds (:func:`rtcnn.photometry.magdiff`, both
-    sides measured, a lower limit where the object is below 3 sigma in one image) — the
-    measurement the data layer and the score define dmag with. ``None`` when either
-    image lacks a zero point.
-    """
-    from rtcnn.photometry import magdiff
-
-    if ref.zeropoint is None or new.zeropoint is None:
-        return None
-    if len(sources) == 0:
-        return np.zeros(0)
-    nan = np.full(len(sources), np.nan)
-    xy = np.column_stack([sources.x, sources.y])
-    ph = magdiff(ref_a, new_a, xy, nan, nan, ref.zeropoint, new.zeropoint, use_catalog=False,
-                 mask_ref=mask, mask_new=mask, effective_gain=new.exptime)  # fmt: skip
-    return np.asarray(ph["magdiff"], dtype=np.float64)
-
-
-# --------------------------------------------------------------------------- pair → catalog
-def _pixels(image) -> np.ndarray:
-    """An image's pixels as native float32 with bad pixels 0 (no copy if already so)."""
-    data = image.data
-    if (image.mask is None and isinstance(data, np.ndarray) and not isinstance(data, np.memmap)
-            and data.dtype == np.float32 and data.dtype.isnative and data.flags.c_contiguous):
-        return data
-    return image.filled(0.0)
-
-
-def drop_masked(sources: Sources, mask: np.ndarray | None) -> Sources:
-    """``sources`` without those whose pixel is bad (NaN/inf in either image, ``mask``)."""
-    if mask is None or not len(sources):
-        return sources
-    ny, nx = mask.shape
-    ix = np.clip(np.rint(sources.x).astype(np.int64), 0, nx - 1)
-    iy = np.clip(np.rint(sources.y).astype(np.int64), 0, ny - 1)
-    keep = ~mask[iy, ix]
-    return Sources(x=sources.x[keep], y=sources.y[keep], score=sources.score[keep],
-                   dmag=sources.dmag[keep], brightened=sources.brightened[keep])
-
-
-def detect_images(
-    net: DenseDetector,
-    ref,
-    new,
-    threshold: float,
-    *,
-    mode: str = "auto",
-    batch_size: int | None = None,
-    device: torch.device | str = "cpu",
-    bf16: bool = False,
-    refine: bool = True,
-    dmag: str = "photometry",
-    tta: bool = False,
-    progress=None,
-    meta: dict | None = None,
-):
-    """Run the detector on a pair of :class:`rtcnn.io.Image` and build the catalog.
-
-    Parameters
-    ----------
-    net : DenseDetector
-        In eval mode on ``device`` (:func:`load_detector`).
-    ref, new : rtcnn.io.Image
-        Reference and new image of the same shape; ``new`` must have a celestial WCS.
-    threshold : float
-        Minimum network score.
-    mode : {"auto", "stamps", "dense"}
-        See the module docstring; "auto" = "dense" on a GPU, "stamps" on a CPU.
-    batch_size : int, optional
-        Stamps (stamps mode, default :data:`DEFAULT_BATCH`) or tiles (dense mode,
-        default 4 on CPU, 16 on GPU) per forward pass.
-    device : torch device
-    bf16 : bool
-        bfloat16 autocast for the network.
-    refine : bool
-        Refine positions by a PSF fit to the difference image (:func:`psf_refine`).
-    dmag : {"photometry", "network"}
-        The catalog's dmag: aperture photometry at the final positions
-        (:func:`photometric_dmag`, the data layer's definition; the network's value where
-        a zero point is missing) or the network's dmag head.
-    tta : bool
-        Stamps mode: average the network over the 8 D4 views of each stamp.
-    progress : tqdm-like, optional
-        Progress bar: ``progress.reset(total=N)`` once the work is known (stamps or
-        tiles), then ``progress.update(n)`` after each batch.
-    meta : dict, optional
-        Extra catalog metadata (e.g. ``model``).
-
-    Returns
-    -------
-    astropy.table.Table
-        The catalog (:func:`rtcnn.catalog.make_catalog`) with metadata ``ref``,
-        ``new``, ``threshold``, ``mode``, ``noise_sigma`` (e-/s), ``image_shape``
-        (ny, nx), ``masked_fraction`` (NaN/inf pixels of either image, 0-1; nothing is
-        reported on them), ``n_candidates`` (stamps mode), ``psf_refined`` (positions
-        refined by the PSF fit), ``dmag`` (its source) and ``seconds``.
-    """
-    if mode not in MODES:
-        raise RtcnnInputError(None, f"mode must be one of {MODES}, got {mode!r}")
-    if dmag not in DMAG_SOURCES:
-        raise RtcnnInputError(None, f"dmag must be one of {DMAG_SOURCES}, got {dmag!r}")
-    if ref.shape != new.shape:
-        raise RtcnnInputError(new.path, f"shape {new.shape} does not match the reference {ref.shape}")
+    origins = tile_origins(ref.shape, TILE_SIZE, TILE_STRIDE)
+    out = np.empty((len(origins), 2), np.float32)
     device = torch.device(device)
-    wcs = new.require_wcs("give the candidates RA/Dec")
-    if mode == "auto":
-        mode = "dense" if device.type == "cuda" else "stamps"
-    t0 = time.perf_counter()
-    ref_a, new_a = _pixels(ref), _pixels(new)
-    mask = None
-    if ref.mask is not None or new.mask is not None:
-        mask = np.zeros(ref.shape, bool)
-        for m in (ref.mask, new.mask):
-            if m is not None:
-                mask |= m
-    sigma = image_sigma(ref_a, new_a)
-    diff = new_a - ref_a
-    info = {"ref": str(ref.path), "new": str(new.path), "threshold": float(threshold),
-            "mode": mode, "tta": bool(tta and mode == "stamps"), "noise_sigma": sigma,
-            "image_shape": [int(v) for v in new.shape],
-            "masked_fraction": 0.0 if mask is None else float(mask.mean())}  # fmt: skip
-    fwhm = band_fwhm(new.band or ref.band)
-    sigma_bkg = mad_sigma(diff[::NOISE_SUBSAMPLE, ::NOISE_SUBSAMPLE])
-    photometry = dmag == "photometry" and ref.zeropoint is not None and new.zeropoint is not None
-    counts = {"refined": 0}
-
-    def measure(sources: Sources) -> Sources:
-        """Per-detection measurements: drop bad pixels, PSF-refine, photometric dmag."""
-        sources = drop_masked(sources, mask)
-        if refine:
-            sources, used = psf_refine(diff, sources, fwhm, ref=ref_a, new=new_a,
-                                       exptime=(ref.exptime, new.exptime),
-                                       sigma_bkg=sigma_bkg)  # fmt: skip
-            counts["refined"] += int(used.sum())
-        if photometry and len(sources):
-            sources = Sources(x=sources.x, y=sources.y, score=sources.score,
-                              dmag=photometric_dmag(ref, new, ref_a, new_a, sources, mask),
-                              brightened=sources.brightened)  # fmt: skip
-        return sources
-
-    if mode == "stamps":
-        # the measurements of one batch run in a worker while the network scores the next
-        threads = torch.get_num_threads()
-        if device.type == "cpu" and threads > 1:  # leave a core to the measurement worker
-            torch.set_num_threads(threads - 1)
-        try:
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                sources, cand = detect_stamps(
-                    net, ref_a, new_a, threshold, mask=mask, sigma=sigma,
-                    batch_size=batch_size or DEFAULT_BATCH, device=device, bf16=bf16, tta=tta,
-                    diff=diff, post=lambda part: pool.submit(measure, part), progress=progress,
-                )  # fmt: skip
-        finally:
-            torch.set_num_threads(threads)
-        info["n_candidates"] = len(cand)
-    else:
-        sources = measure(detect_dense(
-            net, ref_a, new_a, threshold, sigma=sigma,
-            batch_size=batch_size or (16 if device.type == "cuda" else 4), device=device,
-            bf16=bf16, progress=progress,
-        ))  # fmt: skip
-    if refine:
-        info["psf_refined"] = counts["refined"]
-    info["dmag"] = ("|m_ref - m_new| (mag), aperture photometry, rtcnn.photometry.magdiff"
-                    if photometry else "network dmag head")  # fmt: skip
-    info["seconds"] = round(time.perf_counter() - t0, 3)
-    return catalog_from_sources(sources, wcs, {**info, **(meta or {})})
+    for s in range(0, len(origins), batch_size):
+        o = origins[s:s + batch_size]
+        m = len(o)
+        tiles = normalize_tiles(extract_stamps(ref, new, o, TILE_SIZE), "minmax")
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            pred = net(torch.from_numpy(tiles).to(device)).float().cpu().numpy()
+        out[s:s + m] = pred * TILE_SIZE + o
+    return out

@@ -35,7 +35,7 @@ from photutils.aperture import ApertureStats, CircularAperture
 
 from rtcnn import roman
 from rtcnn.errors import RtcnnInputError
-from rtcnn.psffit import stamp_index
+from rtcnn.tiles import stamp_index
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :func:`load_model` loads the detector once (per process, or per Dask worker);
 :func:`process_pair` then runs one pair through the detection path — read
-(:mod:`rtcnn.io`), detect and measure (:func:`rtcnn.inference.detect_images`), write the
+(:mod:`rtcnn.io`), detect and measure (:func:`detect_pair`), write the
 catalog and, when asked, the DS9 regions (:mod:`rtcnn.catalog`, atomic writes) — and
 returns a :class:`PairResult` (outputs, number of candidates, seconds, checksum of the
 outputs). It is a small orchestrator: a further per-pair output (alerts, cutouts) is one
@@ -19,22 +19,37 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from rtcnn.catalog import write_catalog, write_ds9_regions
+from rtcnn import checkpoint
+from rtcnn.catalog import catalog_from_sources, write_catalog, write_ds9_regions
+from rtcnn.difference import (
+    NOISE_SUBSAMPLE,
+    difference_image,
+    find_candidates,
+    image_sigma,
+    robust_sigma,
+)
 from rtcnn.errors import RtcnnInputError
 from rtcnn.inference import (
-    DMAG_SOURCES,
+    DEFAULT_BATCH,
     MODES,
-    detect_images,
-    load_detector,
+    dense_detections,
     native_bf16,
+    prepare_detector,
     resolve_device,
+    stamp_detections,
 )
 from rtcnn.io import read_pair
+from rtcnn.measure import DMAG_SOURCES, Measurement
+from rtcnn.models.detector import DEFAULT_THRESHOLD, DenseDetector
+from rtcnn.postprocess import Sources, best_per_candidate, finalize
+from rtcnn.roman import band_fwhm
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -43,6 +58,7 @@ __all__ = [
     "PairOptions",
     "PairOutputs",
     "PairResult",
+    "detect_pair",
     "files_checksum",
     "load_model",
     "load_pair",
@@ -52,7 +68,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.5  # network score, when the checkpoint names none
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -65,7 +80,7 @@ class PairOptions:
     threshold : float or None
         Minimum network score; None = the checkpoint's, else :data:`DEFAULT_THRESHOLD`.
     mode : {"auto", "stamps", "dense"}
-        See :func:`rtcnn.inference.detect_images`.
+        See :func:`detect_pair`.
     batch_size : int or None
         Stamps or dense tiles per forward pass (None: the inference default).
     precision : {"auto", "bf16", "fp32"}
@@ -149,7 +164,8 @@ class Model:
     Attributes
     ----------
     net : rtcnn.models.detector.DenseDetector
-        In eval mode on ``device`` (:func:`rtcnn.inference.load_detector`).
+        In eval mode on ``device`` (:func:`rtcnn.checkpoint.load_model`,
+        :func:`rtcnn.inference.prepare_detector`).
     device : torch.device
     ckpt : str
         The checkpoint it came from (catalog metadata).
@@ -176,7 +192,7 @@ class Model:
 
 
 def load_model(ckpt: str | os.PathLike, device: str | torch.device = "auto") -> Model:
-    """Load a detector checkpoint (safely, :func:`rtcnn.inference.load_detector`) on ``device``.
+    """Load a detector (safely, :func:`rtcnn.checkpoint.load_model`) on ``device``.
 
     Parameters
     ----------
@@ -191,9 +207,130 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device = "auto") -> 
         Unreadable or wrong checkpoint, unknown or unavailable device.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
-    net = load_detector(ckpt, dev)
-    return Model(net=net, device=dev, ckpt=os.fspath(ckpt),
-                 saved_threshold=getattr(net, "saved_threshold", None))  # fmt: skip
+    loaded = checkpoint.load_model(ckpt, expect=DenseDetector)
+    return Model(net=prepare_detector(loaded.net, dev), device=dev, ckpt=loaded.source,
+                 saved_threshold=loaded.threshold)  # fmt: skip
+
+
+def detect_pair(
+    net: DenseDetector,
+    ref,
+    new,
+    threshold: float,
+    *,
+    mode: str = "auto",
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    refine: bool = True,
+    dmag: str = "photometry",
+    tta: bool = False,
+    progress=None,
+    meta: dict | None = None,
+):
+    """The detection path of one pair, each stage once: difference → inference →
+    postprocess → measure → catalog.
+
+    1. :func:`rtcnn.difference.difference_image`: ``new - ref`` after the reference is
+       scaled to the new zero point; the network's noise (:func:`~rtcnn.difference.image_sigma`),
+       the background noise of the difference and, in stamps mode, the classical
+       candidates (:func:`~rtcnn.difference.find_candidates`).
+    2. :mod:`rtcnn.inference`: the network on a stamp around each candidate
+       (:func:`~rtcnn.inference.stamp_detections`, batch by batch) or on tiles of the
+       whole image (:func:`~rtcnn.inference.dense_detections`).
+    3. :mod:`rtcnn.postprocess`: one detection per candidate, then the threshold and NMS
+       (:func:`~rtcnn.postprocess.finalize`).
+    4. :class:`rtcnn.measure.Measurement`: no detection on a bad pixel, the PSF refit of
+       the positions and the photometric dmag; in stamps mode each batch is measured in a
+       worker thread while the network scores the next.
+    5. :func:`rtcnn.catalog.catalog_from_sources`.
+
+    Parameters
+    ----------
+    net : DenseDetector
+        In eval mode on ``device`` (:func:`load_model`).
+    ref, new : rtcnn.io.Image
+        Reference and new image of the same shape; ``new`` must have a celestial WCS.
+    threshold : float
+        Minimum network score.
+    mode : {"auto", "stamps", "dense"}
+        "auto" = "dense" on a GPU, "stamps" on a CPU.
+    batch_size : int, optional
+        Stamps (default :data:`rtcnn.inference.DEFAULT_BATCH`) or tiles (dense mode,
+        :data:`rtcnn.inference.DENSE_BATCH`) per forward pass.
+    device : torch device
+    bf16 : bool
+        bfloat16 autocast for the network.
+    refine : bool
+        Refine positions by a PSF fit to the difference image.
+    dmag : {"photometry", "network"}
+        The catalog's dmag: aperture photometry at the final positions (the data layer's
+        definition; the network's value where a zero point is missing) or the network's
+        dmag head.
+    tta : bool
+        Stamps mode: average the network over the 8 D4 views of each stamp.
+    progress : tqdm-like, optional
+        ``progress.reset(total=N)`` once the work is known, then ``progress.update(n)``.
+    meta : dict, optional
+        Extra catalog metadata (e.g. ``model``).
+
+    Returns
+    -------
+    astropy.table.Table
+        The catalog (:func:`rtcnn.catalog.make_catalog`) with metadata ``ref``, ``new``,
+        ``threshold``, ``mode``, ``noise_sigma`` (e-/s), ``ref_scale`` (zero-point factor
+        applied to the reference), ``image_shape`` (ny, nx), ``masked_fraction``,
+        ``n_candidates`` (stamps mode), ``psf_refined``, ``dmag`` (its source) and
+        ``seconds``.
+    """
+    if mode not in MODES:
+        raise RtcnnInputError(None, f"mode must be one of {MODES}, got {mode!r}")
+    if dmag not in DMAG_SOURCES:
+        raise RtcnnInputError(None, f"dmag must be one of {DMAG_SOURCES}, got {dmag!r}")
+    device = torch.device(device)
+    if mode == "auto":
+        mode = "dense" if device.type == "cuda" else "stamps"
+    t0 = time.perf_counter()
+    d = difference_image(ref, new)
+    wcs = new.require_wcs("give the candidates RA/Dec")
+    sigma = image_sigma(d.ref, d.new)
+    sigma_bkg = robust_sigma(d.diff[::NOISE_SUBSAMPLE, ::NOISE_SUBSAMPLE], floor=0.0)
+    photometry = dmag == "photometry" and d.zeropoint is not None
+    measurement = Measurement(d, band_fwhm(new.band or ref.band, new.path), sigma_bkg,
+                              refine=refine, photometry=photometry)  # fmt: skip
+    info = {"ref": str(ref.path), "new": str(new.path), "threshold": float(threshold),
+            "mode": mode, "tta": bool(tta and mode == "stamps"), "noise_sigma": sigma,
+            "ref_scale": d.scale, "image_shape": [int(v) for v in new.shape],
+            "masked_fraction": d.masked_fraction}  # fmt: skip
+    if mode == "stamps":
+        cand = find_candidates(d.diff, mask=d.mask)
+        cand_xy = np.column_stack([cand.ix, cand.iy])
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and threads > 1:  # leave a core to the measurement worker
+            torch.set_num_threads(threads - 1)
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                parts = []
+                for det in stamp_detections(net, d.ref, d.new, cand.ix, cand.iy, threshold,
+                                            sigma, batch_size=batch_size or DEFAULT_BATCH,
+                                            device=device, bf16=bf16, tta=tta,
+                                            progress=progress):  # fmt: skip
+                    keep = best_per_candidate(det["batch"], det["xy"], det["score"], cand_xy)
+                    parts.append(pool.submit(measurement, Sources.from_detections(det, keep)))
+                sources = finalize(Sources.concatenate(p.result() for p in parts), threshold)
+        finally:
+            torch.set_num_threads(threads)
+        info["n_candidates"] = len(cand)
+    else:
+        det = dense_detections(net, d.ref, d.new, threshold, sigma, batch_size=batch_size,
+                               device=device, bf16=bf16, progress=progress)  # fmt: skip
+        sources = measurement(finalize(Sources.from_detections(det), threshold))
+    if refine:
+        info["psf_refined"] = measurement.refined
+    info["dmag"] = ("|m_ref - m_new| (mag), aperture photometry, rtcnn.photometry.magdiff"
+                    if photometry else "network dmag head")  # fmt: skip
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return catalog_from_sources(sources, wcs, {**info, **(meta or {})})
 
 
 def load_pair(ref: str | os.PathLike, new: str | os.PathLike):
@@ -254,7 +391,7 @@ def process_pair(
     images : tuple of rtcnn.io.Image, optional
         ``(ref, new)`` already read with :func:`load_pair` (a prefetching caller).
     progress : tqdm-like, optional
-        Per-pair progress bar (see :func:`rtcnn.inference.detect_images`).
+        Per-pair progress bar (see :func:`detect_pair`).
 
     Returns
     -------
@@ -273,7 +410,7 @@ def process_pair(
     bf16 = model.bf16(options)
     meta = {"model": model.ckpt, "model_name": "dense", "device": str(model.device),
             "precision": "bf16" if bf16 else "fp32"}  # fmt: skip
-    table = detect_images(model.net, ref_img, new_img, model.threshold(options),
+    table = detect_pair(model.net, ref_img, new_img, model.threshold(options),
                           mode=options.mode, batch_size=options.batch_size,
                           device=model.device, bf16=bf16, refine=options.refine,
                           dmag=options.dmag, tta=options.tta, progress=progress,

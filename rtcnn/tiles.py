@@ -82,14 +82,24 @@ def tile_origins(
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-def image_to_tile(xy: np.ndarray, origin: np.ndarray) -> np.ndarray:
-    """Image positions ``(..., 2)`` (x, y) px → positions in the tile at ``origin``."""
-    return np.asarray(xy, dtype=np.float64) - np.asarray(origin, dtype=np.float64)
+def stamp_index(shape: tuple[int, int], ix: np.ndarray, iy: np.ndarray,
+                half: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the ``(2 half + 1)^2`` stamps centred on pixels ``(ix, iy)`` of an image.
 
-
-def tile_to_image(xy: np.ndarray, origin: np.ndarray) -> np.ndarray:
-    """Tile positions ``(..., 2)`` (x, y) px → image positions (exact inverse of image_to_tile)."""
-    return np.asarray(xy, dtype=np.float64) + np.asarray(origin, dtype=np.float64)
+    Returns
+    -------
+    rows, cols : (N, S, 1) and (N, 1, S) int64
+        Row and column indices, clipped to the image (``image[rows, cols]`` is ``(N, S, S)``).
+    inside : (N, S, S) bool
+        Where the stamp pixel lies on the image (elsewhere the clipped index repeats an
+        edge pixel).
+    """
+    ny, nx = shape
+    off = np.arange(-half, half + 1)
+    r = np.asarray(iy, dtype=np.int64)[:, None] + off[None, :]
+    c = np.asarray(ix, dtype=np.int64)[:, None] + off[None, :]
+    inside = (((r >= 0) & (r < ny))[:, :, None] & ((c >= 0) & (c < nx))[:, None, :])
+    return r.clip(0, ny - 1)[:, :, None], c.clip(0, nx - 1)[:, None, :], inside
 
 
 def tiles_containing(

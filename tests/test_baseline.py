@@ -13,7 +13,8 @@ from numpy.testing import assert_allclose
 
 from rtcnn import baseline
 from rtcnn.baseline import run_baseline
-from rtcnn.psffit import fit_psf, pixel_gauss, psf_sigma, snr_map
+from rtcnn.difference import pixel_gauss, psf_sigma, snr_map
+from rtcnn.measure import fit_psf
 
 SIZE = 128  # px
 SIGMA_PIX = 0.08  # e-/s, background noise per pixel of each image
@@ -149,8 +150,8 @@ def test_cli_directory_writes_one_catalog_per_pair(pair, tmp_path, capsys):
 
 
 def test_cli_bad_inputs(pair, tmp_path, capsys):
-    small = tmp_path / "small.fits"
-    fits.PrimaryHDU(np.zeros((64, 64), np.float32), header()).writeto(small)
+    small = tmp_path / "small.fits"  # another shape and no WCS: cannot be put on one grid
+    fits.PrimaryHDU(np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)).writeto(small)
     with pytest.raises(SystemExit) as exc:
         baseline.main([str(pair / "ref.fits"), str(small), "-o", str(tmp_path / "x.ecsv")])
     assert exc.value.code == 2
@@ -165,7 +166,7 @@ def test_cli_bad_inputs(pair, tmp_path, capsys):
 def test_scored_against_its_truth(pair, tmp_path):
     """The pair's catalog scores perfectly; the photometric truth dmag of the variable
     is |m_ref - m_new| and the hostless transients' (lower limits) are left out."""
-    from rtcnn.score import pair_score, evaluate, photometric_dmag
+    from rtcnn.score import evaluate, pair_score, photometric_dmag
 
     rows = [(x, y, np.nan, MAGZP - 2.5 * math.log10(f), "transient") for x, y, f in TRANSIENTS]
     rows.append((FADED[0], FADED[1], MAGZP - 2.5 * math.log10(FADED[2]), np.nan, "transient"))
@@ -186,7 +187,7 @@ def test_scored_against_its_truth(pair, tmp_path):
 def test_noise_peak_counts_follow_gaussian_tails():
     """White noise through the PSF matched filter: the peak counts fall steeply with the
     level (~exp(-X^2/2)), none at 7 sigma in 512^2 px, and the field size is checked."""
-    from rtcnn.psffit import noise_peak_counts
+    from rtcnn.difference import noise_peak_counts
 
     counts = noise_peak_counts(1.393, (2.0, 3.0, 4.0, 7.0), shape=(512, 512), seed=3)
     c2, c3, c4, c7 = (counts[k] for k in ("2", "3", "4", "7"))

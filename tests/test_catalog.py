@@ -18,7 +18,8 @@ from rtcnn.catalog import (
     write_ds9_regions,
 )
 from rtcnn.errors import RtcnnInputError
-from rtcnn.postprocess import Sources, sky_to_pixel
+from rtcnn.io import sky_to_pixel
+from rtcnn.postprocess import Sources
 
 
 def tan_wcs():
@@ -52,7 +53,7 @@ def test_make_catalog_columns_units_meta_order():
     assert t.meta["new"] == "pair/new.fits" and t.meta["model"] == "m.ckpt"
     assert t.meta["threshold"] == 0.1
     assert np.all((t["ra"] >= 0) & (t["ra"] < 360))
-    x, y = sky_to_pixel(t["ra"], t["dec"], tan_wcs())
+    x, y = sky_to_pixel(tan_wcs(), t["ra"], t["dec"])
     assert_allclose(x, t["x"], atol=1e-6)
     assert_allclose(y, t["y"], atol=1e-6)
 

@@ -10,22 +10,25 @@ from numpy.testing import assert_allclose
 from torch.utils.data import DataLoader
 
 from rtcnn.catalog import CATALOG_COLUMNS
-from rtcnn.errors import RtcnnInputError
+from rtcnn.checkpoint import load_model
 from rtcnn.detect import main
+from rtcnn.difference import find_candidates, psf_sigma
+from rtcnn.errors import RtcnnInputError
 from rtcnn.inference import (
-    detect_dense,
-    detect_stamps,
+    TileStitcher,
+    dense_detections,
     extract_stamps,
-    find_candidates,
-    image_sigma,
-    load_detector,
     native_bf16,
-    peak_fraction,
-    psf_refine,
-    sparse_peaks,
+    prepare_detector,
+    stamp_detections,
     stamp_origins,
 )
+from rtcnn.io import Image
+from rtcnn.measure import WIDE_FIT_HALF, WIDE_FIT_SNR, _fit_stamps, psf_refine
 from rtcnn.models.detector import DenseDetector
+from rtcnn.pipeline import detect_pair
+from rtcnn.postprocess import Sources, best_per_candidate, finalize
+from rtcnn.tiles import tile_origins
 
 SIZE = 128  # px, side of the simulated test pair
 LOW = "0.001"  # a threshold low enough that an untrained net reports candidates
@@ -43,25 +46,9 @@ def pairs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tiny_detector_ckpt):
     """A real Lightning checkpoint of a tiny DetectionTask after one training step."""
-    import lightning as L
-
-    from rtcnn.tasks.detection import DetectionTask
-
-    torch.manual_seed(0)
-    task = DetectionTask(DenseDetector(channels=(8, 8, 8), head_channels=8, prior=0.01))
-    xy = torch.tensor([[[20.0, 30.0]], [[40.5, 10.25]]])
-    batch = {"image": torch.randn(2, 2, 64, 64), "xy": xy, "valid": torch.ones(2, 1, dtype=bool),
-             "dmag": torch.ones(2, 1)}  # fmt: skip
-    loader = DataLoader([batch], batch_size=None)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
-    trainer.fit(task, loader)
-    path = tmp_path_factory.mktemp("ckpt") / "dense.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return tiny_detector_ckpt
 
 
 def _pair(root, i=0):
@@ -69,9 +56,10 @@ def _pair(root, i=0):
     return str(d / "ref.fits"), str(d / "new.fits")
 
 
-def test_load_detector_restores_the_weights(ckpt):
-    net = load_detector(ckpt)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+def test_loaded_detector_restores_the_weights(ckpt):
+    loaded = load_model(ckpt, expect=DenseDetector)
+    net = prepare_detector(loaded.net)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert net.config["channels"] == [8, 8, 8] and not net.training
     plain = DenseDetector(**net.config)
     plain.load_state_dict({k[4:]: v for k, v in state["state_dict"].items()
@@ -81,7 +69,8 @@ def test_load_detector_restores_the_weights(ckpt):
         want, got = plain.eval()(x), net(x)  # net: batch norms folded into the convolutions
     for key in want:
         assert_allclose(got[key].numpy(), want[key].numpy(), atol=1e-4)
-    assert net.saved_threshold == state["hyper_parameters"]["threshold"]
+    assert loaded.threshold == state["hyper_parameters"]["threshold"]
+    assert not hasattr(net, "saved_threshold")  # the threshold is a value, not an attribute
 
 
 def test_detect_writes_a_catalog_and_refuses_to_overwrite(pairs, ckpt, tmp_path, capsys):
@@ -148,19 +137,7 @@ def test_a_checkpoint_without_a_detector_is_refused(tmp_path, capsys, pairs):
     ref, new = _pair(pairs)
     with pytest.raises(SystemExit):
         main([ref, new, "--ckpt", str(bad), "-o", str(tmp_path / "c.ecsv")])
-    assert "not a dense detector" in capsys.readouterr().err
-
-
-def test_candidates_find_a_faint_point_source_and_skip_flat_sky():
-    rng = np.random.default_rng(4)
-    ref = rng.normal(0, 1, (200, 200)).astype(np.float32)
-    new = rng.normal(0, 1, (200, 200)).astype(np.float32)
-    yy, xx = np.mgrid[0:200, 0:200]
-    new += (40 / (2 * np.pi)) * np.exp(-((xx - 120.3) ** 2 + (yy - 60.6) ** 2) / 2)  # S/N ~ 20
-    cand = find_candidates(new - ref)
-    assert 0 < len(cand) < 20  # a few noise peaks at most
-    assert cand.ix[0] == 120 and cand.iy[0] == 61  # the brightest candidate is the source
-    assert_allclose(image_sigma(ref, new, step=1), 1.0, rtol=0.05)
+    assert "'torch.nn.Linear', which is not one of rtcnn's networks" in capsys.readouterr().err
 
 
 def test_stamps_are_centred_and_kept_inside_the_image():
@@ -188,9 +165,15 @@ def test_stamps_and_dense_modes_agree_on_a_bright_source():
     yy, xx = np.mgrid[0:256, 0:256]
     new += (400 / (2 * np.pi)) * np.exp(-((xx - 101.2) ** 2 + (yy - 140.7) ** 2) / 2)
     # 64 px stamps: the cells within 8 px of the candidate see only pixels of the stamp
-    stamps, cand = detect_stamps(net, ref, new, 0.0, candidate_snr=10.0, stamp_size=64,
-                                 accept_radius=8.0)  # fmt: skip
-    dense = detect_dense(net, ref, new, 0.0, tile=128, overlap=64)
+    cand = find_candidates(new - ref, 10.0)
+    parts = []
+    for det in stamp_detections(net, ref, new, cand.ix, cand.iy, 0.0, 1.0, stamp_size=64):
+        keep = best_per_candidate(det["batch"], det["xy"], det["score"],
+                                  np.c_[cand.ix, cand.iy], accept_radius=8.0)  # fmt: skip
+        parts.append(Sources.from_detections(det, keep))
+    stamps = finalize(Sources.concatenate(parts), 0.0)
+    dense = finalize(Sources.from_detections(
+        dense_detections(net, ref, new, 0.0, 1.0, tile=128, overlap=64)), 0.0)
     assert len(cand) == 1 and len(stamps) >= 1
     for x, y, score in zip(stamps.x, stamps.y, stamps.score):
         j = np.argmin(np.hypot(dense.x - x, dense.y - y))
@@ -198,24 +181,7 @@ def test_stamps_and_dense_modes_agree_on_a_bright_source():
         assert_allclose(dense.score[j], score, rtol=1e-4)
 
 
-def test_sparse_peaks_equal_find_peaks():
-    from rtcnn.postprocess import find_peaks
-
-    rng = np.random.default_rng(7)
-    image = np.abs(rng.normal(0, 1, (300, 300))).astype(np.float32)
-    image[10, 10] = image[11, 11] = 9.0  # a tie: both kept, as find_peaks does
-    mask = rng.uniform(size=image.shape) < 0.1
-    for min_distance in (1, 2):
-        want = find_peaks(image, 3.0, min_distance, mask)
-        got = sparse_peaks(image, 3.0, min_distance, mask)
-        for a, b in zip(got, want):
-            assert_allclose(a, b)
-    assert len(sparse_peaks(image, 100.0, 2)[0]) == 0
-
-
 def test_psf_refine_recovers_sub_pixel_positions():
-    from rtcnn.psffit import psf_sigma
-    from rtcnn.postprocess import Sources
     from scipy.special import erf
 
     fwhm = 1.39  # px, Roman H158
@@ -248,10 +214,6 @@ def test_psf_refine_wide_refit_of_bright_sources_and_image_edges():
     reaching past the image edge gives the off-image pixels zero weight."""
     from scipy.special import erf
 
-    from rtcnn import inference
-    from rtcnn.postprocess import Sources
-    from rtcnn.psffit import psf_sigma
-
     fwhm = 1.39  # px, Roman H158
     sig = psf_sigma(fwhm)
     rng = np.random.default_rng(3)
@@ -268,9 +230,9 @@ def test_psf_refine_wide_refit_of_bright_sources_and_image_edges():
     start = true + 0.3
     src = Sources(x=start[:, 0], y=start[:, 1], score=np.ones(3), dmag=np.zeros(3),
                   brightened=np.ones(3, bool))  # fmt: skip
-    fit = inference._fit_stamps(diff, start[:, 0], start[:, 1], fwhm, None, None, (None, None),
-                                None, half=inference.WIDE_FIT_HALF)  # fmt: skip
-    assert np.all(np.abs(fit["snr"]) >= inference.WIDE_FIT_SNR) and fit["ok"].all()
+    fit = _fit_stamps(diff, start[:, 0], start[:, 1], fwhm, None, None, (None, None), None,
+                      half=WIDE_FIT_HALF)  # fmt: skip
+    assert np.all(np.abs(fit["snr"]) >= WIDE_FIT_SNR) and fit["ok"].all()
     out, used = psf_refine(diff.astype(np.float32), src, fwhm)
     assert used.all()
     assert_allclose(np.c_[out.x, out.y], true, atol=0.01)
@@ -294,17 +256,65 @@ def test_d4_test_time_augmentation_is_equivariant():
     assert_allclose(apply_image(rotated, "rot90").numpy(), b["offset"].numpy(), atol=1e-4)
 
 
-def test_single_pixel_hits_are_not_candidates():
-    rng = np.random.default_rng(10)
-    diff = rng.normal(0, 1, (120, 120)).astype(np.float32)
-    yy, xx = np.mgrid[0:120, 0:120]
-    diff += (60 / (2 * np.pi * 0.6**2)) * np.exp(-((xx - 30.2) ** 2 + (yy - 40.4) ** 2) / 0.72)
-    diff[90, 80] += 80.0  # a cosmic-ray hit: one pixel
-    diff[20, 100] -= 60.0  # one on the reference (a negative hit)
-    frac = peak_fraction(diff, np.array([30, 80, 100]), np.array([40, 90, 20]))
-    assert frac[0] < 0.66 and frac[1] > 0.9 and frac[2] > 0.9
-    cand = find_candidates(diff)
-    got = set(zip(cand.ix.tolist(), cand.iy.tolist()))
-    assert (30, 40) in got and (80, 90) not in got and (100, 20) not in got
-    every = find_candidates(diff, sharp_max=1.0)  # kept when asked
-    assert (80, 90) in set(zip(every.ix.tolist(), every.iy.tolist()))
+
+
+def _cut_tiles(full, origins, size):
+    return np.stack([full[..., y0 : y0 + size, x0 : x0 + size] for x0, y0 in origins])
+
+
+@pytest.mark.parametrize("shape", [(150, 150), (100, 77), (64, 64)])
+def test_stitch_consistent_tiles_is_exact(shape):
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(3, *shape)).astype(np.float32)
+    origins = tile_origins(shape, 64, 54)
+    tiles = _cut_tiles(full, origins, 64)
+    st = TileStitcher(shape, channels=3, size=64, origins=origins)
+    perm = rng.permutation(len(origins))
+    for chunk in np.array_split(perm, 3):  # batches in any order
+        st.add(tiles[chunk], origins[chunk])
+    assert_allclose(st.result(), full, rtol=0, atol=0)
+
+
+def test_stitch_takes_the_pixel_furthest_from_a_tile_edge_and_checks_its_grid():
+    shape = (64, 118)  # two tiles in x: [0, 64) and [54, 118), overlap 54..63
+    origins = tile_origins(shape, 64, 54)
+    st = TileStitcher(shape, channels=1, size=64, origins=origins)
+    st.add(np.stack([np.full((1, 64, 64), i, np.float32) for i in range(len(origins))]), origins)
+    full = st.result()
+    assert_allclose(full[0, :, :59], 0)  # pixel 58 is 5.5 px from tile 0's edge, 4.5 from 1's
+    assert_allclose(full[0, :, 59:], 1)
+    st = TileStitcher((100, 100), channels=2, size=64, origins=tile_origins((100, 100), 64, 36))
+    with pytest.raises(RtcnnInputError, match=r"tile origin \(3, 0\) is not on the grid"):
+        st.add(np.zeros((1, 2, 64, 64)), [[3, 0]])
+    with pytest.raises(RtcnnInputError, match=r"expected \(B, 2, 64, 64\)"):
+        st.add(np.zeros((1, 64, 64)), [[0, 0]])
+    assert np.isnan(st.result()).all()  # nothing added: NaN
+    with pytest.raises(RtcnnInputError, match="do not form a product grid"):
+        TileStitcher((100, 100), 1, 64, origins=[[0, 0], [36, 36]])
+    with pytest.raises(RtcnnInputError, match="leaves pixels uncovered"):
+        TileStitcher((200, 200), 1, 64, origins=[[0, 0], [136, 0], [0, 136], [136, 136]])
+
+
+def test_a_zero_point_mismatch_gives_the_same_catalog(pairs, ckpt):
+    """The reference stored at another zero point (its pixels scaled to match) is put back
+    on the new image's zero point: the same difference image, noise, candidates and
+    catalog as the original pair (issue 20 point 13)."""
+    from rtcnn.io import read_pair
+    from rtcnn.pipeline import load_model as load_detector_model
+
+    ref, new = read_pair(*_pair(pairs))
+    model = load_detector_model(ckpt, "cpu")
+    zp = new.zeropoint
+    assert zp is not None and ref.zeropoint == zp
+    factor = 10 ** (-0.4 * 1.25)  # the reference in units 1.25 mag brighter per count
+    ref2 = Image.from_array(ref.filled(np.nan) * np.float32(factor), wcs=ref.wcs,
+                            zeropoint=zp - 1.25, band=ref.band, exptime=ref.exptime,
+                            path="ref2.fits")  # fmt: skip
+    want = detect_pair(model.net, ref, new, 0.001, mode="stamps")
+    got = detect_pair(model.net, ref2, new, 0.001, mode="stamps")
+    assert got.meta["ref_scale"] == pytest.approx(10**0.5)
+    assert got.meta["n_candidates"] == want.meta["n_candidates"] and len(want) > 0
+    assert got.meta["noise_sigma"] == pytest.approx(want.meta["noise_sigma"], rel=1e-5)
+    assert len(got) == len(want)
+    for col in ("x", "y", "score", "dmag"):
+        assert_allclose(np.asarray(got[col]), np.asarray(want[col]), rtol=1e-4, atol=1e-3)

@@ -18,7 +18,8 @@ from rtcnn.fluxes import (
     njy_per_unit,
     pixel_variance,
 )
-from rtcnn.psffit import fit_psf, psf_sigma
+from rtcnn.difference import psf_sigma
+from rtcnn.measure import fit_psf
 
 SIZE = 240  # px
 SPACING = 20  # px between injected sources

@@ -10,12 +10,11 @@ from rtcnn.tiles import (
     TILE_SIZE,
     TILE_STRIDE,
     edge_distance,
-    image_to_tile,
     n_tiles,
     n_tiles_1d,
     origins_1d,
     tile_origins,
-    tile_to_image,
+    stamp_index,
     tiles_containing,
 )
 
@@ -67,7 +66,7 @@ def test_order_is_row_major():
     assert origins[nx_t, 0] == 0 and origins[nx_t, 1] == TILE_STRIDE
 
 
-def test_round_trip_exact_on_odd_image():
+def test_every_position_lies_in_a_tile_on_odd_image():
     rng = np.random.default_rng(1)
     shape = (777, 1000)
     origins = tile_origins(shape)
@@ -75,16 +74,21 @@ def test_round_trip_exact_on_odd_image():
     inside = tiles_containing(xy, origins)
     assert inside.any(axis=0).all()  # every position lies in some tile
     for i, j in zip(*np.nonzero(inside)):
-        t = image_to_tile(xy[j], origins[i])
+        t = xy[j] - origins[i]
         assert np.all(t >= -0.5) and np.all(t < TILE_SIZE - 0.5)
-        assert_array_equal(tile_to_image(t, origins[i]), xy[j])  # exact, not approximate
-    # integer pixel centres map to the pixel that holds them
-    img = np.arange(777 * 1000, dtype=np.float64).reshape(shape)
-    for x0, y0 in origins[::37]:
-        tile = img[y0 : y0 + TILE_SIZE, x0 : x0 + TILE_SIZE]
-        xt, yt = 17, 50
-        xi, yi = tile_to_image(np.array([xt, yt]), np.array([x0, y0])).astype(int)
-        assert tile[yt, xt] == img[yi, xi]
+
+
+def test_stamp_index_clips_at_the_edges():
+    img = np.arange(7 * 9, dtype=np.float64).reshape(7, 9)
+    rows, cols, inside = stamp_index(img.shape, np.array([4, 0]), np.array([3, 6]), 1)
+    st = img[rows, cols]
+    assert st.shape == (2, 3, 3)
+    assert_array_equal(st[0], img[2:5, 3:6])
+    assert_array_equal(inside[0], np.ones((3, 3), bool))
+    # (0, 6): the column left of x=0 and the row below y=6 are off the image
+    assert_array_equal(inside[1], [[False, True, True], [False, True, True], [False, False, False]])
+    assert_array_equal(np.where(inside[1], st[1], -1),
+                       [[-1, img[5, 0], img[5, 1]], [-1, img[6, 0], img[6, 1]], [-1, -1, -1]])
 
 
 def test_tiles_containing_margin_and_edges():

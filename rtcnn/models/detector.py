@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rtcnn.stats import MAD_TO_SIGMA, MIN_SIGMA
+
 DEFAULT_STRIDE = 4  # px per output cell
 DEFAULT_CHANNELS = (16, 24, 32)  # feature channels at strides 1, 2 and 4
 ASINH_SCALE = 3.0  # noise sigmas: inputs are linear within about +-3 sigma, log beyond
-MAD_TO_SIGMA = 1.4826  # Gaussian sigma per median absolute deviation
-MIN_SIGMA = 1e-6  # e-/s, floor for the noise estimate (blank or constant tiles)
+DEFAULT_THRESHOLD = 0.5  # score (probability) of a reported source when nothing else is set
 HEAT_SIGMA = 0.6  # cells, width of the Gaussian splatted around each transient
 REGRESS_RADIUS = 1  # cells: offsets/dmag/sign are trained in the (2r+1)^2 cells around a source
 
@@ -318,7 +319,7 @@ def encode_targets(
 
 def decode(
     out: dict[str, torch.Tensor],
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     stride: int = DEFAULT_STRIDE,
     max_det: int | None = None,
     logits: bool = True,
