@@ -78,6 +78,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import fastavro
 import numpy as np
 from astropy.io import fits
 from astropy.nddata import Cutout2D
@@ -87,7 +88,7 @@ from astropy.time import Time
 from rtcnn import __version__
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.fluxes import FLAG_BITS, MEASURED_COLUMNS, PSF_HALF, header_sca
-from rtcnn.psffit import background_sigma
+from rtcnn.difference import background_sigma
 
 __all__ = [
     "ALERT_COLUMNS", "DEFAULT_CUTOUT_SIZE", "Stamps", "alert_records", "alert_schema",
@@ -210,46 +211,137 @@ def stamp_variance(data: np.ndarray, sigma: float, exptime: float | None) -> np.
     return np.where(np.isfinite(data), var, np.nan)
 
 
+BLOCK = 2880  # bytes, FITS block
+
+
+class _HduTemplate:
+    """One FITS HDU's header built and verified once by astropy, written many times.
+
+    astropy takes milliseconds to build and verify each HDU; thousands of stamps share
+    everything but the WCS reference pixel (``CRPIX1/2``) and a few candidate cards, so
+    those 80-byte cards are patched into the template's header bytes (same format, as
+    :class:`astropy.io.fits.Card` renders them) and the pixels appended as big-endian
+    float32, padded to the 2880-byte block.
+    """
+
+    def __init__(self, header: fits.Header, variable: Sequence[str]):
+        text = header.tostring()
+        keys = [c.keyword for c in header.cards]
+        self.header = header
+        self.bytes = bytearray(text.encode("ascii"))
+        self.offsets = {k: 80 * keys.index(k) for k in variable}
+
+    def card(self, key: str, value) -> bytes:
+        """The 80-byte card ``key = value`` with the template's comment."""
+        return fits.Card(key, value, self.header.comments[key]).image.encode("ascii")
+
+    def render(self, cards: Mapping[str, bytes], data: np.ndarray | None = None) -> bytes:
+        """Header bytes with ``cards`` (key -> 80-byte card) patched in, then ``data``."""
+        out = bytearray(self.bytes)
+        for key, image in cards.items():
+            o = self.offsets[key]
+            out[o:o + 80] = image
+        if data is not None:
+            raw = np.ascontiguousarray(data, dtype=">f4").tobytes()
+            out += raw + bytes(-len(raw) % BLOCK)
+        return bytes(out)
+
+
+def _image_header(kind: str, size: int, wcs_header: fits.Header, name: str | None,
+                  unit: str) -> fits.Header:
+    """The header astropy writes for a ``size``-square float32 image HDU with this WCS."""
+    zeros = np.zeros((size, size), np.float32)
+    hdu = (fits.PrimaryHDU(zeros, header=wcs_header.copy()) if kind == "primary"
+           else fits.ImageHDU(zeros, header=wcs_header.copy(), name=name))  # fmt: skip
+    hdu.header["BUNIT"] = unit
+    hdu.header["PADDED"] = (False, "stamp ran off the image (NaN-padded)")
+    hdu.verify("exception")
+    return hdu.header
+
+
+class StampWriter:
+    """FITS bytes of the stamps of one image grid (see :class:`_HduTemplate`).
+
+    Parameters
+    ----------
+    wcs : astropy.wcs.WCS
+        The new image's WCS (SIP included); a stamp's WCS is it with ``CRPIX`` shifted by
+        the stamp's origin, as :class:`astropy.nddata.Cutout2D` shifts it.
+    size : int
+        Stamp side in px.
+    """
+
+    NAMES = ("ref", "new", "diff")
+    UNIT, VAR_UNIT = "electron/s", "(electron/s)**2"
+    CANDIDATE_CARDS = ("ID", "X", "Y", "RA", "DEC")
+
+    def __init__(self, wcs, size: int):
+        hdr = wcs.to_header(relax=True)
+        self.crpix = (float(wcs.wcs.crpix[0]), float(wcs.wcs.crpix[1]))
+        var = ("CRPIX1", "CRPIX2", "PADDED")
+        self.ext = {}
+        for name in self.NAMES:
+            for suffix, unit in (("", self.UNIT), ("_VARIANCE", self.VAR_UNIT)):
+                extname = f"{name.upper()}{suffix}"
+                self.ext[extname] = _HduTemplate(_image_header("ext", size, hdr, extname, unit), var)
+        self.stamp_primary = _HduTemplate(_image_header("primary", size, hdr, None, self.UNIT), var)
+        self.stamp_var = _HduTemplate(_image_header("ext", size, hdr, "VARIANCE", self.VAR_UNIT),
+                                      var)  # fmt: skip
+        primary = fits.PrimaryHDU().header
+        primary["EXTEND"] = True
+        for key, comment in (("ID", "source ID (diaSourceId)"), ("X", "[pix] 0-based column"),
+                             ("Y", "[pix] 0-based row"), ("RA", "[deg]"), ("DEC", "[deg]")):
+            primary[key] = (0.0 if key != "ID" else 0, comment)
+        primary["ORIGIN"] = f"rtcnn {__version__}"
+        primary["PADDED"] = (False, "stamps ran off the image (NaN-padded)")
+        self.file_primary = _HduTemplate(primary, (*self.CANDIDATE_CARDS, "PADDED"))
+
+    def _wcs_cards(self, st) -> dict[str, bytes]:
+        """The stamp's CRPIX and PADDED cards (one rendering shared by all its HDUs)."""
+        t = self.stamp_primary
+        return {"CRPIX1": t.card("CRPIX1", self.crpix[0] - st.origin[0]),
+                "CRPIX2": t.card("CRPIX2", self.crpix[1] - st.origin[1]),
+                "PADDED": t.card("PADDED", bool(st.padded))}  # fmt: skip
+
+    def stamp_bytes(self, st, name: str, cards: dict | None = None) -> bytes:
+        """One stamp as a FITS file: the image (primary HDU, WCS) and its ``VARIANCE``."""
+        c = cards or self._wcs_cards(st)
+        return (self.stamp_primary.render(c, getattr(st, name))
+                + self.stamp_var.render(c, getattr(st, f"{name}_var")))
+
+    def alert_stamps(self, st) -> dict[str, bytes]:
+        """The alert's ``cutoutDifference``/``Science``/``Template`` FITS bytes."""
+        c = self._wcs_cards(st)
+        return {"cutoutDifference": self.stamp_bytes(st, "diff", c),
+                "cutoutScience": self.stamp_bytes(st, "new", c),
+                "cutoutTemplate": self.stamp_bytes(st, "ref", c)}
+
+    def file_bytes(self, st, meta: Mapping) -> bytes:
+        """The cutout file of a candidate: primary HDU with ``meta`` (:data:`CANDIDATE_CARDS`)
+        and the six image HDUs ``REF``, ``REF_VARIANCE``, ``NEW``... ``DIFF_VARIANCE``."""
+        c = self._wcs_cards(st)
+        p = self.file_primary
+        parts = [p.render({**{k: p.card(k, v) for k, v in meta.items()}, "PADDED": c["PADDED"]})]
+        for name in self.NAMES:
+            parts.append(self.ext[name.upper()].render(c, getattr(st, name)))
+            parts.append(self.ext[f"{name.upper()}_VARIANCE"].render(c, getattr(st, f"{name}_var")))
+        return b"".join(parts)
+
+
 class Stamps:
     """The three stamps of one candidate and their variances, on the new image's grid.
 
     Attributes
     ----------
     ref, new, diff, ref_var, new_var, diff_var : (N, N) float32
-    header : astropy.io.fits.Header
-        The stamp's WCS (0-based position ``(x, y)`` of the candidate at the centre pixel).
+        e-/s and (e-/s)^2; NaN off the image and at masked pixels.
+    origin : (int, int)
+        0-based ``(x, y)`` of the stamp's first pixel in the image (negative when padded).
     padded : bool
         The stamp ran off the image (NaN beyond it).
     """
 
-    __slots__ = ("ref", "new", "diff", "ref_var", "new_var", "diff_var", "header", "padded")
-
-    def hdul(self, meta: Mapping) -> fits.HDUList:
-        """The cutout file: primary HDU with ``meta`` cards, then six image HDUs."""
-        primary = fits.PrimaryHDU()
-        for key, value in meta.items():
-            primary.header[key] = value
-        primary.header["PADDED"] = (self.padded, "stamp ran off the image (NaN-padded)")
-        hdus = [primary]
-        for name in ("ref", "new", "diff"):
-            for suffix, arr in (("", getattr(self, name)), ("_VARIANCE", getattr(self, f"{name}_var"))):
-                hdr = self.header.copy()
-                hdr["BUNIT"] = "electron/s" if not suffix else "(electron/s)**2"
-                hdr["PADDED"] = self.padded
-                hdus.append(fits.ImageHDU(arr, header=hdr, name=f"{name.upper()}{suffix}"))
-        return fits.HDUList(hdus)
-
-    def stamp_bytes(self, name: str) -> bytes:
-        """One stamp as a FITS file (bytes): the image (primary, with WCS) and ``VARIANCE``."""
-        hdr = self.header.copy()
-        hdr["BUNIT"] = "electron/s"
-        hdr["PADDED"] = self.padded
-        hdul = fits.HDUList([fits.PrimaryHDU(getattr(self, name), header=hdr),
-                             fits.ImageHDU(getattr(self, f"{name}_var"), header=self.header,
-                                           name="VARIANCE")])  # fmt: skip
-        buf = io.BytesIO()
-        hdul.writeto(buf)
-        return buf.getvalue()
+    __slots__ = ("ref", "new", "diff", "ref_var", "new_var", "diff_var", "origin", "padded")
 
 
 def _image_sigma(image) -> float:
@@ -266,6 +358,9 @@ def _image_sigma(image) -> float:
 def cutout_stamps(ref, new, x, y, size: int = DEFAULT_CUTOUT_SIZE):
     """Yield :class:`Stamps` of each position, ``size`` px square, on the new image's grid.
 
+    The pixel ranges are :class:`astropy.nddata.Cutout2D`'s (``mode="partial"``, NaN
+    fill), so a stamp's WCS is the new image's with ``CRPIX`` less ``origin``.
+
     Parameters
     ----------
     ref, new : rtcnn.io.Image
@@ -277,15 +372,15 @@ def cutout_stamps(ref, new, x, y, size: int = DEFAULT_CUTOUT_SIZE):
     """
     if size < 3:
         raise RtcnnInputError(None, f"--cutouts must be >= 3 px, got {size}")
-    wcs = new.require_wcs("write cutouts with a WCS")
+    new.require_wcs("write cutouts with a WCS")
     sig_r, sig_n = _image_sigma(ref), _image_sigma(new)
     new_data, ref_data = np.asarray(new.data), np.asarray(ref.data)
     for xi, yi in zip(np.asarray(x, float), np.asarray(y, float)):
-        cut = Cutout2D(new_data, (xi, yi), size, wcs=wcs, mode="partial", fill_value=np.nan,
-                       copy=True)  # fmt: skip
+        cut = Cutout2D(new_data, (xi, yi), size, mode="partial", fill_value=np.nan, copy=True)
         st = Stamps()
         so, sc = cut.slices_original, cut.slices_cutout
         st.padded = any(s.stop - s.start != size for s in sc)
+        st.origin = (so[1].start - sc[1].start, so[0].start - sc[0].start)
         r = np.full((size, size), np.nan, np.float32)
         r[sc] = ref_data[so]
         n = cut.data.astype(np.float32)
@@ -297,7 +392,6 @@ def cutout_stamps(ref, new, x, y, size: int = DEFAULT_CUTOUT_SIZE):
         st.ref_var = stamp_variance(r, sig_r, ref.exptime).astype(np.float32)
         st.new_var = stamp_variance(n, sig_n, new.exptime).astype(np.float32)
         st.diff_var = st.ref_var + st.new_var
-        st.header = cut.wcs.to_header(relax=True)
         yield st
 
 
@@ -335,11 +429,12 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_cutouts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZE,
-                  overwrite: bool = False) -> list[Path]:
+                  overwrite: bool = False, on_stamp=None) -> list[Path]:
     """Write ``<outdir>/<id>.fits`` per candidate (see the module docstring).
 
     Adds an ``id`` column (:func:`source_ids`) when the table has none, and sets the
-    ``edge`` bit of ``flags`` where a stamp was padded.
+    ``edge`` bit of ``flags`` where a stamp was padded. ``on_stamp(i, stamps)``, when
+    given, is called with each row's :class:`Stamps` (e.g. to draw thumbnails).
 
     Returns
     -------
@@ -349,15 +444,13 @@ def write_cutouts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZ
     out = check_alert_dir(outdir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     ids = _ensure_ids(table, new.header)
+    writer = StampWriter(new.require_wcs("write cutouts with a WCS"), size)
     paths = []
     for i, st in enumerate(cutout_stamps(ref, new, table["x"], table["y"], size)):
-        meta = {"ID": int(ids[i]), "X": float(table["x"][i]), "Y": float(table["y"][i]),
-                "RA": float(table["ra"][i]), "DEC": float(table["dec"][i]),
-                "ORIGIN": f"rtcnn {__version__}"}  # fmt: skip
         path = out / f"{ids[i]}.fits"
-        buf = io.BytesIO()
-        st.hdul(meta).writeto(buf)
-        _write_bytes(path, buf.getvalue())
+        _write_bytes(path, writer.file_bytes(st, _candidate_cards(table, i, ids[i])))
+        if on_stamp is not None:
+            on_stamp(i, st)
         if st.padded and "flags" in table.colnames:
             table["flags"][i] |= FLAG_BITS["edge"]
         paths.append(path)
@@ -365,6 +458,11 @@ def write_cutouts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZ
 
 
 # --------------------------------------------------------------------------- packets
+def _candidate_cards(table: Table, i: int, source_id: int) -> dict:
+    return {"ID": int(source_id), "X": float(table["x"][i]), "Y": float(table["y"][i]),
+            "RA": float(table["ra"][i]), "DEC": float(table["dec"][i])}
+
+
 def _opt(value):
     """A float for a nullable Avro field: None when not finite."""
     v = float(value)
@@ -372,7 +470,7 @@ def _opt(value):
 
 
 def alert_records(table: Table, ref, new, size: int = DEFAULT_CUTOUT_SIZE, schema=None,
-                  processed_mjd: float | None = None):
+                  processed_mjd: float | None = None, writer: StampWriter | None = None):
     """Yield ``(record, stamps)``: the alert dict of each candidate (validated) and its stamps.
 
     Parameters
@@ -386,10 +484,13 @@ def alert_records(table: Table, ref, new, size: int = DEFAULT_CUTOUT_SIZE, schem
         Default :func:`alert_schema`.
     processed_mjd : float, optional
         ``timeProcessedMjdTai`` (default now).
+    writer : StampWriter, optional
+        Default one for ``new``'s WCS and ``size``.
     """
     check_columns(table)
     schema = schema or alert_schema()
     fields = _record_fields(schema)
+    parsed = fastavro.parse_schema(schema.definition)
     header = new.header
     ids = _ensure_ids(table, header)
     visit, det = visit_id(header), detector_id(header)
@@ -400,6 +501,7 @@ def alert_records(table: Table, ref, new, size: int = DEFAULT_CUTOUT_SIZE, schem
     processed = Time.now().tai.mjd if processed_mjd is None else float(processed_mjd)
     model = table.meta.get("model")
     version = f"rtcnn {__version__}" + (f" {os.path.basename(str(model))}" if model else "")
+    writer = writer or StampWriter(new.require_wcs("write cutouts with a WCS"), size)
     flags = np.asarray(table["flags"], np.int64)
     bits = {name: (flags & bit) != 0 for name, bit in FLAG_BITS.items()}
     for i, st in enumerate(cutout_stamps(ref, new, table["x"], table["y"], size)):
@@ -434,10 +536,12 @@ def alert_records(table: Table, ref, new, size: int = DEFAULT_CUTOUT_SIZE, schem
         record = {f["name"]: None for f in schema.definition["fields"]}
         record.update({
             "diaSourceId": int(ids[i]), "diaSource": src,
-            "cutoutDifference": st.stamp_bytes("diff"), "cutoutScience": st.stamp_bytes("new"),
-            "cutoutTemplate": st.stamp_bytes("ref"),
+            **writer.alert_stamps(st),
         })  # fmt: skip
-        schema.validate(record)  # fastavro.validate: raises ValidationError naming the field
+        # the schema's own validation (lsst Schema.validate = fastavro.validate); the quick
+        # pass without error reports first, the reporting one only for an invalid record
+        if not fastavro.validate(record, parsed, raise_errors=False):
+            schema.validate(record)  # raises fastavro's ValidationError naming the field
         yield record, st
 
 
@@ -460,8 +564,9 @@ def write_alerts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZE
     if cut is not None:
         cut.mkdir(parents=True, exist_ok=True)
     schema = alert_schema()
+    writer = StampWriter(new.require_wcs("write cutouts with a WCS"), size)
     paths = []
-    records = alert_records(table, ref, new, size, schema, processed_mjd)
+    records = alert_records(table, ref, new, size, schema, processed_mjd, writer)
     for i, (record, st) in enumerate(records):
         buf = io.BytesIO()
         schema.store_alerts(buf, [record])
@@ -471,12 +576,8 @@ def write_alerts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZE
         if st.padded:
             table["flags"][i] |= FLAG_BITS["edge"]
         if cut is not None:
-            meta = {"ID": record["diaSourceId"], "X": float(table["x"][i]),
-                    "Y": float(table["y"][i]), "RA": float(table["ra"][i]),
-                    "DEC": float(table["dec"][i]), "ORIGIN": f"rtcnn {__version__}"}  # fmt: skip
-            b = io.BytesIO()
-            st.hdul(meta).writeto(b)
-            _write_bytes(cut / f"{record['diaSourceId']}.fits", b.getvalue())
+            _write_bytes(cut / f"{record['diaSourceId']}.fits",
+                         writer.file_bytes(st, _candidate_cards(table, i, record["diaSourceId"])))
     table.meta["alert_schema"] = schema.definition["name"]
     return paths
 

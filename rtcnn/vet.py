@@ -244,13 +244,13 @@ def write_page(inputs: Sequence[str], outdir, overwrite: bool = False,
 
             ref, new = read_pair(*src)
             cut_dir = tmp / "cutouts" / f"{ci}_{path.stem}"
-            files = write_cutouts(table, ref, new, cut_dir)
-            for i, f in enumerate(files):
-                with fits.open(f) as hdul:
-                    arr = thumbnail(hdul["REF"].data, hdul["NEW"].data, hdul["DIFF"].data)
-                _save_png(arr, tmp / "thumbs" / f"{order[(ci, i)]}.png")
-                links.append(out / "cutouts" / f"{ci}_{path.stem}" / f.name)
+
+            def draw(i, st, ci=ci):
+                _save_png(thumbnail(st.ref, st.new, st.diff), tmp / "thumbs" / f"{order[(ci, i)]}.png")
                 bar.update()
+
+            files = write_cutouts(table, ref, new, cut_dir, on_stamp=draw)
+            links = [out / "cutouts" / f"{ci}_{path.stem}" / f.name for f in files]
         for i, f in enumerate(links):
             rows[order[(ci, i)]]["cut"] = os.path.relpath(f, out).replace(os.sep, "/")
     bar.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.nddata import Cutout2D
 from astropy.table import Table
 from astropy.wcs import WCS
 
@@ -155,6 +156,11 @@ def test_cutouts_wcs_variance_and_padding(tmp_path):
     assert len(paths) == 3
     for row, path in zip(table, paths):
         with fits.open(path) as hdul:
+            hdul.verify("exception")
+            # the stamp WCS is the one astropy's Cutout2D gives (padded stamps too)
+            ref_cut = Cutout2D(new.data, (row["x"], row["y"]), 31, wcs=new.wcs, mode="partial")
+            for h in hdul[1:]:
+                np.testing.assert_allclose(WCS(h.header).wcs.crpix, ref_cut.wcs.wcs.crpix)
             names = [h.name for h in hdul[1:]]
             assert names == ["REF", "REF_VARIANCE", "NEW", "NEW_VARIANCE", "DIFF",
                              "DIFF_VARIANCE"]  # fmt: skip

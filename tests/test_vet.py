@@ -46,7 +46,7 @@ def make_pair_catalog(root: Path, n: int = N_CAND, size: int = SIZE, seed: int =
     yy, xx = np.mgrid[0:size, 0:size]
     ref = rng.normal(0, SIGMA, (size, size))
     new = rng.normal(0, SIGMA, (size, size))
-    for xi, yi, fi in zip(x, y, flux):
+    for xi, yi, fi in list(zip(x, y, flux))[:N_CAND]:  # sources at the first N_CAND only
         new += fi * np.exp(-((xx - xi) ** 2 + (yy - yi) ** 2) / 1.62) / (np.pi * 1.62)
     root.mkdir(parents=True, exist_ok=True)
     write_image(root / "ref.fits", ref, h)
@@ -168,6 +168,36 @@ def test_page_in_chromium(page, browser):
     assert Table.read(ecsv, format="ascii.ecsv")["x"].unit == "pix"
     errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors
+
+
+FIRST_PAINT_MAX_MS = 2000.0  # the issue's bound for 5,000 candidates
+N_LARGE = 5000
+
+
+@pytest.mark.slow
+def test_5000_candidates_first_paint(tmp_path, browser):
+    """5,000 candidates: first contentful paint under 2 s in Chromium, filters still work."""
+    cat = make_pair_catalog(tmp_path / "pair", n=N_LARGE, size=1024, seed=1)
+    index = write_page([str(cat)], tmp_path / "page", progress=False)
+    d = browser
+    d.get(index.resolve().as_uri())
+    _wait(lambda: d.execute_script("return window.RTCNN_VET_READY === true"), timeout=30)
+    fcp = d.execute_script(
+        "const e = performance.getEntriesByName('first-contentful-paint'); "
+        "return e.length ? e[0].startTime : null")
+    ready = d.execute_script("return performance.now()")
+    loaded = d.execute_script(
+        "return Array.from(document.images).filter(i => i.complete && i.naturalWidth).length")
+    print(f"5000 candidates: first contentful paint {fcp:.0f} ms, images loaded {loaded}")
+    assert _count(d) == N_LARGE
+    assert fcp is not None and fcp < FIRST_PAINT_MAX_MS, fcp
+    assert loaded < N_LARGE / 2  # lazy: most thumbnails are not fetched up front
+    box = d.find_element("id", "min-rel")
+    box.clear()
+    box.send_keys("0.9")
+    _wait(lambda: _count(d) < N_LARGE)
+    assert [e for e in d.get_log("browser") if e["level"] == "SEVERE"] == []
+    del ready
 
 
 def test_bad_inputs(tmp_path, capsys, page):
