@@ -36,6 +36,7 @@ class PairJob(NamedTuple):
     new: Path
     catalog: Path  # .ecsv
     regions: Path | None  # DS9 .reg, or None
+    outdir: Path | None = None  # directory of pairs: the output directory (made later)
 
 
 def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +99,7 @@ def pair_jobs(inputs: Sequence[str], output: str, regions: str | None = None) ->
                                   "same output; rename one of their directories")
         seen[stem] = pf.name
         reg = outdir / f"{stem}.reg" if regions is not None else None
-        jobs.append(PairJob(pf.name, pf.ref, pf.new, catalog, reg))
+        jobs.append(PairJob(pf.name, pf.ref, pf.new, catalog, reg, outdir))
     return jobs
 
 
@@ -127,10 +128,10 @@ def check_outputs(jobs: Sequence[PairJob], overwrite: bool, make_dirs: bool = Tr
         for path in (job.catalog, job.regions):
             if path is None:
                 continue
-            if path.parent.exists() or len(jobs) == 1:
+            if path.parent.exists() or job.outdir is None:
                 check_output(path, overwrite, inputs, probe=path.parent not in probed)
                 probed.add(path.parent)
-            # else: a directory of pairs still to be made (pair_jobs checked that it can be)
+            # else: the output directory of pairs, still to be made (pair_jobs checked it)
     if make_dirs:
         make_output_dirs(jobs)
 

@@ -33,7 +33,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rtcnn.cli import add_pair_arguments, check_outputs, pair_jobs, report_skipped
+from rtcnn.cli import (
+    add_pair_arguments,
+    check_outputs,
+    make_output_dirs,
+    pair_jobs,
+    report_skipped,
+)
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.inference import MODES, resolve_device
 from rtcnn.measure import DMAG_SOURCES
@@ -104,8 +110,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     jobs = pair_jobs(args.inputs, args.output, args.regions)
-    check_outputs(jobs, args.overwrite)
+    check_outputs(jobs, args.overwrite, make_dirs=False)
     model = load_model(args.ckpt, device)
+    make_output_dirs(jobs)  # only now: a bad checkpoint leaves no empty output tree
     dense = args.mode == "dense" or (args.mode == "auto" and model.device.type == "cuda")
     written, skipped = [], []
     show = not args.no_progress
