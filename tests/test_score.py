@@ -244,3 +244,131 @@ def test_empty_catalog_is_valid():
     r = evaluate([pair_score("p", cat, t, SIDE * SIDE)])
     assert r["completeness"] == 0 and r["n_false"] == 0 and np.isnan(r["purity"])
     assert_array_equal(r["curve"]["n_det"], 0)
+
+
+def _old_semantics_matched(p, radius, threshold):
+    """The matching at one threshold as defined: drop detections below it, then match()."""
+    keep = np.flatnonzero(p.score >= threshold)
+    d, t = match(p.det_xy[keep], p._truth_xy, radius)
+    return set(zip(keep[d].tolist(), t.tolist()))
+
+
+def test_one_matching_serves_every_threshold():
+    """match_levels (one Hungarian per distinct group of kept detections) gives, at every
+    threshold, exactly the matching of the kept detections; crowded so groups are common."""
+    rng = np.random.default_rng(3)
+    txy = rng.uniform(0, 60, (300, 2))
+    cxy = np.concatenate([txy[:200] + rng.normal(0, 0.8, (200, 2)), rng.uniform(0, 60, (80, 2))])
+    t = Table({"x": txy[:, 0], "y": txy[:, 1], "mag_new": rng.uniform(20, 27, 300)})
+    c = Table({"x": cxy[:, 0], "y": cxy[:, 1], "score": np.round(rng.uniform(0, 1, 280), 2),
+               "brightened": np.ones(280, bool)})
+    p = pair_score("p", c, t, 60.0 * 60.0)
+    _, _, _, _, level = p.levels(2.0)
+    assert (level > 0).sum() > 20  # many groups change with the threshold
+    for thr in np.unique(c["score"])[::3]:
+        d, tt = p.matched(2.0, thr)
+        assert set(zip(d.tolist(), tt.tolist())) == _old_semantics_matched(p, 2.0, thr)
+    d, tt = p.matched(2.0)
+    assert set(zip(d.tolist(), tt.tolist())) == _old_semantics_matched(p, 2.0, -np.inf)
+    # the sweep's vectorised counts agree with evaluate at each threshold
+    res = sweep([p], budget=1e9, thresholds=np.unique(c["score"]))
+    for thr, fp, comp in zip(*(res["curve"][k] for k in ("threshold", "fp_per_sca",
+                                                          "completeness"))):
+        ev = evaluate([p], threshold=thr)
+        assert fp == pytest.approx(ev["fp_per_sca"]) and comp == pytest.approx(ev["completeness"])
+
+
+def test_large_truth_scores_linearly():
+    """1e5 transients (logistic completeness, m50 = 25.5, w = 0.3) and 5e3 false
+    positives: the m50, FP and completeness come out right (a 1e5-row score runs in ~1 s;
+    the speed is measured by the command in the README, not here)."""
+    rng = np.random.default_rng(0)
+    n, side = 100_000, 23_600.0
+    txy = rng.uniform(0, side, (n, 2))
+    mag = rng.uniform(20, 28, n)
+    det = rng.uniform(size=n) < 1 / (1 + np.exp((mag - 25.5) / 0.3))
+    fxy = rng.uniform(0, side, (5000, 2))
+    cxy = np.concatenate([txy[det] + rng.normal(0, 0.3, (det.sum(), 2)), fxy])
+    t = Table({"x": txy[:, 0], "y": txy[:, 1], "mag_new": mag, "kind": ["transient"] * n})
+    c = Table({"x": cxy[:, 0], "y": cxy[:, 1],
+               "score": np.concatenate([rng.uniform(0.5, 1, det.sum()), rng.uniform(0, 0.6, 5000)]),
+               "brightened": np.ones(len(cxy), bool)})
+    p = pair_score("big", c, t, side * side)
+    r = evaluate([p])
+    assert r["m50"] == pytest.approx(25.5, abs=0.02)
+    assert r["fit"]["width"] == pytest.approx(0.3, abs=0.02)
+    assert r["n_matched"] == pytest.approx(det.sum(), rel=0.002)
+    assert r["n_false"] == pytest.approx(5000, rel=0.01)
+    s = sweep([p], budget=1.0)
+    assert 0.55 < s["threshold"] <= 0.61  # just above the highest false positive scores
+    c = (1.0 - s["threshold"]) / 0.5  # fraction of the true detections kept
+    assert s["m50"] == pytest.approx(25.5 + 0.3 * np.log(2 * c - 1), abs=0.03)
+
+
+def _bad_pair(tmp_path, truth=None, cat=None):
+    d = write_pair(tmp_path)
+    if truth is not None:
+        truth.write(d / "truth.ecsv", format="ascii.ecsv", overwrite=True)
+    if cat is not None:
+        cat.write(d / "cat.ecsv", format="ascii.ecsv", overwrite=True)
+    return d
+
+
+def test_nan_masked_and_duplicate_rows_are_warned_and_left_out(tmp_path, capsys):
+    t = hand_truth()
+    t = Table(t, masked=True)
+    t["x"].mask[7] = True  # T7 (undetected) has no position
+    t.add_row(t[0])  # T0 twice
+    t.add_row(t[1])  # T1 twice
+    c = Table(hand_catalog(), masked=True)
+    c["x"][8] = np.nan
+    c["y"].mask[7] = True  # both false positives lose their position
+    d = _bad_pair(tmp_path, t, c)
+    out = tmp_path / "s.json"
+    assert score.main([str(d / "cat.ecsv"), "--truth", str(d / "truth.ecsv"), "--json",
+                       str(out), "--dmag-truth", "catalog"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("cat.ecsv: 2 of 9 candidate rows have no finite x/y" in e for e in err)
+    assert any("truth.ecsv: 1 of 12 truth rows have no finite x/y" in e for e in err)
+    assert any("truth.ecsv: 2 truth rows repeat another row" in e for e in err)
+    assert all(e.startswith("rtcnn: warning: ") for e in err)
+    r = json.loads(out.read_text())["methods"]["cat"]["at_threshold"]
+    assert r["n_transients"] == 7 and r["n_matched"] == 6  # not halved by the duplicates
+    assert r["n_false"] == 0
+
+
+@pytest.mark.parametrize("where", ["truth", "catalog"])
+def test_string_columns_are_one_line_errors(tmp_path, capsys, where):
+    t, c = hand_truth(), hand_catalog()
+    tab = t if where == "truth" else c
+    tab["y"] = [f"{v}px" for v in tab["y"]]
+    d = _bad_pair(tmp_path, t, c)
+    with pytest.raises(SystemExit) as exc:
+        score.main([str(d / "cat.ecsv"), "--truth", str(d / "truth.ecsv")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    name = "truth.ecsv" if where == "truth" else "cat.ecsv"
+    assert len(err) == 1 and err[0].startswith("rtcnn: error: ") and name in err[0]
+    assert "'y'" in err[0] and "not numeric" in err[0]
+
+
+def test_csv_truth_with_strings_is_a_one_line_error(tmp_path, capsys):
+    d = write_pair(tmp_path)
+    (d / "truth.csv").write_text("x,y,mag_new,kind\n100,50,20.0,transient\nabc,50,21,transient\n")
+    with pytest.raises(SystemExit) as exc:
+        score.main([str(d / "cat.ecsv"), "--truth", str(d / "truth.csv")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "truth.csv" in err[0] and "'x'" in err[0]
+
+
+@pytest.mark.parametrize("origin", [1.7, "1", True])
+def test_pixel_origin_must_be_0_or_1(tmp_path, capsys, origin):
+    t = hand_truth()
+    t.meta["pixel_origin"] = origin
+    d = _bad_pair(tmp_path, t)
+    with pytest.raises(SystemExit) as exc:
+        score.main([str(d / "cat.ecsv"), "--truth", str(d / "truth.ecsv")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"truth.ecsv: pixel_origin must be 0 or 1, got {origin!r}" in err[0]

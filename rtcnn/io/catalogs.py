@@ -73,7 +73,10 @@ def read_truth(path: str | os.PathLike, image: Image | None = None,
     """
     p = Path(path)
     table = read_table(p, format)
-    x, y = _positions(table, p, image)
+    try:
+        x, y = _positions(table, p, image)
+    except RtcnnInputError as err:
+        raise (RtcnnInputError(p, err.problem) if err.path is None else err) from None
     table["x"] = np.asarray(x, dtype=np.float64)
     table["y"] = np.asarray(y, dtype=np.float64)
     table["x"].unit = table["y"].unit = u.pix
@@ -152,16 +155,22 @@ def _float_column(table: Table, name: str, unit: u.UnitBase | None = None) -> np
         values = u.Quantity(col).to_value(unit)
     else:
         values = col
-    values = np.ma.filled(np.ma.asarray(values, dtype=float), np.nan)
+    try:
+        values = np.ma.filled(np.ma.asarray(values, dtype=float), np.nan)
+    except (TypeError, ValueError):
+        first = next((v for v in np.asarray(col).tolist() if v is not None), None)
+        raise RtcnnInputError(None, f"column {name!r} is not numeric ({col.dtype}, e.g. "
+                              f"{first!r})") from None
     return np.asarray(values, dtype=np.float64)
 
 
 def _positions(table: Table, p: Path, image: Image | None) -> tuple[np.ndarray, np.ndarray]:
     xname, yname = _find(table, X_COLUMNS), _find(table, Y_COLUMNS)
     if xname and yname:
-        origin = int(table.meta.get(PIXEL_ORIGIN_META, 0))
-        if origin not in (0, 1):
-            raise RtcnnInputError(p, f"{PIXEL_ORIGIN_META} must be 0 or 1, got {origin}")
+        origin = table.meta.get(PIXEL_ORIGIN_META, 0)
+        if isinstance(origin, bool) or origin not in (0, 1):  # 1.7 is not 1
+            raise RtcnnInputError(p, f"{PIXEL_ORIGIN_META} must be 0 or 1, got {origin!r}")
+        origin = int(origin)
         return (_float_column(table, xname) - origin, _float_column(table, yname) - origin)
     xname, yname = _find(table, X_COLUMNS_1BASED), _find(table, Y_COLUMNS_1BASED)
     if xname and yname:
