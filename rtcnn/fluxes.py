@@ -63,6 +63,7 @@ from scipy import ndimage
 
 from rtcnn import roman
 from rtcnn.photometry import aperture_flux, roman_aperture_correction
+from rtcnn.difference import RESIDUAL_FRACTION, noise_variance
 from rtcnn.tiles import stamp_index
 
 __all__ = [
@@ -79,7 +80,6 @@ EDGE_DISTANCE = 12.0  # px, outer radius of the background annulus: closer to an
 FLAG_HALF = 2  # px, masked/saturated pixels are looked for in the 5x5 around the centre
 BRIGHT_RADIUS = 6  # px, half-width of the box searched for a bright reference source
 BRIGHT_RESIDUAL_SNR = 3.0  # residual / difference noise above which the flag is set
-RESIDUAL_FRACTION = 0.02  # subtraction-residual noise per unit of local flux (baseline's eta)
 SHARP_MAX = 0.8  # centre-pixel share of the 3x3 flux above which a peak is cosmic-ray-like
 SHARP_MIN_SNR = 3.0  # the centre pixel must exceed this many sigma for the cosmic-ray test
 PSF_OVERSAMPLE = 8  # samples per px of the tabulated effective PSF
@@ -118,14 +118,14 @@ def decode_flags(flags) -> dict[str, np.ndarray]:
 def pixel_variance(ref: np.ndarray, new: np.ndarray, sigma_bkg: float,
                    exptime: tuple[float | None, float | None] = (None, None),
                    residual_fraction: float = RESIDUAL_FRACTION) -> np.ndarray:
-    """Per-pixel variance of ``new - ref`` (e-/s)^2, the noise model of every measurement.
+    """Per-pixel variance of ``new - ref`` (e-/s)^2, the noise model of the fluxes.
 
-    ``sigma_bkg**2`` (the difference image's background noise) plus each image's source
-    Poisson noise ``max(I, 0) / t`` (``t`` the exposure time in s, skipped when None) plus
-    the subtraction-residual floor ``(residual_fraction |ref|)**2``: residuals come from
-    subtracting what both images hold, so a change on empty sky has none (the detector's
-    refinement, :func:`rtcnn.inference.psf_refine`, uses ``max(|ref|, |new|)``: a looser
-    floor for positions; fluxes would carry errors ~10 % too large on a transient).
+    :func:`rtcnn.difference.noise_variance` without its residual term (background plus
+    both images' source Poisson noise), plus a subtraction-residual floor
+    ``(residual_fraction |ref|)**2`` on the *reference* only: residuals come from
+    subtracting what both images hold, so a change on empty sky has none. (The detector's
+    position refit uses ``max(|ref|, |new|)``, a looser floor; with it the flux errors of
+    transients came out ~10 % too large in the injection test.)
 
     Parameters
     ----------
@@ -141,11 +141,8 @@ def pixel_variance(ref: np.ndarray, new: np.ndarray, sigma_bkg: float,
     float64 array of the inputs' shape.
     """
     r = np.asarray(ref, dtype=np.float64)
-    s = np.asarray(new, dtype=np.float64)
-    var = np.full(np.broadcast(r, s).shape, float(sigma_bkg) ** 2)
-    for img, t in ((r, exptime[0]), (s, exptime[1])):
-        if t:
-            var += np.clip(img, 0.0, None) / t
+    var = noise_variance(r, np.asarray(new, dtype=np.float64), sigma_bkg, exptime,
+                         residual_fraction=0.0)  # fmt: skip
     if residual_fraction:
         var += (residual_fraction * r) ** 2
     return var
