@@ -1,4 +1,4 @@
-"""Benchmarks on this machine: ``python -m rtcnn.bench {data,train,infer,all} [options]``.
+"""Benchmarks on this machine: ``python -m rtcnn.bench {data,train,infer,survey,all} [options]``.
 
 Each benchmark is a function ``bench_<name>(args) -> dict`` registered in :data:`BENCHES`
 with its own argument group (:data:`ARGUMENTS`); ``all`` runs every registered one. Results
@@ -36,6 +36,15 @@ To add one: write ``bench_x(args)``, register it with ``@register("x", add_args)
     a trained model's), the classical baseline ``rtcnn.baseline`` on the same pair, and the
     ``attn5`` grid scan of every 64 x 64 tile (stride 54). One warm-up run per process,
     then ``--repeats`` timed runs; each from reading the FITS files to the catalog written.
+
+``survey``
+    Pairs per hour through ``rtcnn.survey`` on a local Dask cluster (``--survey-workers``,
+    default 1 and 2; one per GPU with ``--device cuda``) and through sequential
+    ``rtcnn.detect`` on the same ``--survey-pairs`` pairs (links to one pair's files) of each
+    ``--survey-sizes`` (default 1024 and 4088 px): end to end (the cluster start apart) and
+    steady (between the first and the last pair finished); with one worker, the per-task
+    overhead (time between two pairs beyond a pair's own read + detect + write), whose
+    target is <= 5 % of a 4088 px pair.
 
 Torch CPU threads: ``--threads`` (default torch's choice, one per core); the count is
 recorded. With other processes on the machine torch's OpenMP threads spin and a step can
@@ -892,6 +901,140 @@ def _image_shape(path: Path) -> list[int]:
 
 
 # --------------------------------------------------------------------------- command
+# --------------------------------------------------------------------------- survey
+SURVEY_SIZES = (1024, SCA_NPIX)  # px, sides of the pairs of the survey benchmark
+SURVEY_PAIRS = 4  # pairs per size (links to one pair's files)
+SURVEY_WORKERS = (1, 2)  # local Dask workers per run
+OVERHEAD_LIMIT = 0.05  # per-task survey overhead, fraction of a 4088 px pair's time
+
+
+def _survey_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("survey")
+    g.add_argument("--survey-sizes", nargs="+", type=int, default=list(SURVEY_SIZES),
+                   help="pair sides (px); a pair of each comes from --data when it holds "
+                   "one of that size, else it is simulated")
+    g.add_argument("--survey-pairs", type=int, default=SURVEY_PAIRS,
+                   help="pairs per size (copies linking one pair's files)")
+    g.add_argument("--survey-workers", nargs="+", type=int, default=list(SURVEY_WORKERS),
+                   help="local Dask worker counts to run (one per GPU with --device cuda)")
+    if not any("--ckpt" in a.option_strings for a in p._actions):  # shared with infer
+        g.add_argument("--ckpt", default=None, help="detector checkpoint (default: untrained)")
+
+
+def _survey_source(args: argparse.Namespace, size: int, work: Path) -> Path:
+    """A pair directory of ``size`` px: the first one in ``--data`` with that shape, else
+    one simulated (epochs mode) into ``work``."""
+    from rtcnn.io import find_pairs
+
+    if args.data and Path(args.data).exists():
+        for pair in find_pairs(args.data):
+            if pair.ref.is_file() and _image_shape(pair.ref) == [size, size]:
+                return pair.ref.parent
+    root = work / f"sim{size}"
+    _make_pair(root, size, "epochs")
+    return find_pairs(root)[0].ref.parent
+
+
+def _linked_pairs(source: Path, folder: Path, n: int) -> Path:
+    """``folder/pair_XXXX`` × ``n``, each linking ``source``'s ref.fits and new.fits."""
+    for i in range(n):
+        d = folder / f"pair_{i:04d}"
+        d.mkdir(parents=True)
+        for name in ("ref.fits", "new.fits"):
+            (d / name).symlink_to((source / name).resolve())
+    return folder
+
+
+@register("survey", _survey_args)
+def bench_survey(args: argparse.Namespace) -> dict:
+    """Pairs per hour through ``rtcnn.survey`` (local Dask cluster, 1 and 2 workers) and
+    through sequential ``rtcnn.detect`` on the same pairs; the per-task overhead."""
+    import contextlib
+    import io
+
+    from rtcnn import detect
+    from rtcnn.pipeline import PairOptions
+    from rtcnn.survey import open_cluster, run_survey, survey_pairs
+
+    device = str(_device(args))
+    cores = os.cpu_count() or 1
+    n = int(args.survey_pairs)
+    if n < 2:
+        raise RtcnnInputError(None, f"--survey-pairs must be >= 2, got {n}")
+    res: dict = {"pairs_per_size": n, "device": device, "sizes": {}}
+    with tempfile.TemporaryDirectory(prefix="rtcnn-survey-bench-") as tmp:
+        work = Path(tmp)
+        ckpt = args.ckpt or _fresh_detector_ckpt(work / "untrained-dense.ckpt")
+        res["model"] = str(args.ckpt) if args.ckpt else "untrained (freshly initialised)"
+        for size in args.survey_sizes:
+            source = _survey_source(args, size, work)
+            pairs_dir = _linked_pairs(source, work / f"pairs{size}", n)
+            entry: dict = {"source": str(source), "runs": {}}
+            print(f"{n} pairs of {size} x {size} px (links to {source})", flush=True)
+            threads = args.threads or cores
+            argv = [str(pairs_dir), "--ckpt", str(ckpt), "-o", str(work / f"seq{size}"),
+                    "--no-progress", "--device", device, "--threads", str(threads)]
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # the catalog paths it prints
+                detect.main(argv)
+            wall = time.perf_counter() - t0
+            entry["runs"]["sequential"] = {"wall_s": round(wall, 2), "torch_threads": threads,
+                                           "s_per_pair": round(wall / n, 3),
+                                           "pairs_per_hour": round(3600 * n / wall, 1)}
+            print(f"  sequential rtcnn.detect: {wall / n:7.2f} s/pair, "
+                  f"{3600 * n / wall:8.1f} pairs/h ({threads} threads)", flush=True)
+            for workers in args.survey_workers:
+                t0 = time.perf_counter()
+                client, cluster, wthreads = open_cluster("local", workers, device,
+                                                         max(1, threads // workers))
+                startup = time.perf_counter() - t0
+                done_at: list[float] = []
+                try:
+                    t1 = time.perf_counter()
+                    summary = run_survey(survey_pairs(pairs_dir), work / f"survey{size}-{workers}",
+                                         client, ckpt, PairOptions(), threads=wthreads,
+                                         device=device, progress=False,
+                                         on_result=lambda row: done_at.append(time.perf_counter()))
+                    wall = time.perf_counter() - t1
+                finally:
+                    client.close()
+                    cluster.close()
+                rows = _manifest_rows(work / f"survey{size}-{workers}")
+                secs = sorted(r["seconds"] for r in rows)
+                steady = (done_at[-1] - done_at[0]) / (len(done_at) - 1)
+                run = {"workers": workers, "torch_threads": wthreads,
+                       "cluster_start_s": round(startup, 2), "wall_s": round(wall, 2),
+                       "pairs_per_hour": round(3600 * n / wall, 1),
+                       "steady_s_between_pairs": round(steady, 3),
+                       "steady_pairs_per_hour": round(3600 / steady, 1),
+                       "task_s_median": round(statistics.median(secs), 3),
+                       "failed": len(summary.failed)}
+                if workers == 1:  # one task at a time: the gap beyond the pair's own work
+                    later = statistics.median(secs[:-1]) if len(secs) > 2 else secs[0]
+                    run["overhead_s_per_task"] = round(steady - later, 3)
+                    run["overhead_fraction"] = round((steady - later) / later, 4)
+                entry["runs"][f"survey_{workers}w"] = run
+                print(f"  rtcnn.survey {workers} worker(s): {wall / n:7.2f} s/pair, "
+                      f"{run['pairs_per_hour']:8.1f} pairs/h end to end (cluster start "
+                      f"{startup:.1f} s apart), steady {run['steady_pairs_per_hour']:.1f} "
+                      f"pairs/h" + (f"; per-task overhead {run['overhead_s_per_task']:.3f} s "
+                                    f"({100 * run['overhead_fraction']:.1f} % of a pair)"
+                                    if workers == 1 else ""), flush=True)
+            res["sizes"][str(size)] = entry
+    one = res["sizes"].get(str(SCA_NPIX), {}).get("runs", {}).get("survey_1w", {})
+    if "overhead_fraction" in one:
+        res["targets"] = {f"overhead<={OVERHEAD_LIMIT:.0%}_of_4088_pair":
+                          one["overhead_fraction"] <= OVERHEAD_LIMIT}
+    return res
+
+
+def _manifest_rows(outdir: Path) -> list[dict]:
+    from rtcnn.survey import MANIFEST_NAME, read_manifest
+
+    rows, _ = read_manifest(outdir / MANIFEST_NAME)
+    return [r for r in rows.values() if r["status"] == "done"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rtcnn.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

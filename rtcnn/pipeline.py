@@ -20,11 +20,12 @@ import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from astropy.table import Table
 
 from rtcnn import checkpoint
 from rtcnn.catalog import catalog_from_sources, write_catalog, write_ds9_regions
@@ -49,7 +50,7 @@ from rtcnn.io import read_pair
 from rtcnn.measure import DMAG_SOURCES, Measurement
 from rtcnn.models.detector import DEFAULT_THRESHOLD, DenseDetector
 from rtcnn.postprocess import Sources, best_per_candidate, finalize
-from rtcnn.roman import band_fwhm
+from rtcnn.roman import band_fwhm, canonical_band
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -62,6 +63,7 @@ __all__ = [
     "files_checksum",
     "load_model",
     "load_pair",
+    "observation",
     "process_pair",
     "write_outputs",
 ]
@@ -148,6 +150,11 @@ class PairResult:
     checksum : str
         SHA-256 (hex) over the written files' bytes, in ``files`` order
         (:func:`files_checksum`).
+    band, sca, mjd : str, int, float or None
+        The new image's band (GalSim spelling where it is a Roman band), SCA number and
+        MJD of the exposure (:func:`observation`).
+    table : astropy.table.Table or None
+        The catalog as written (not compared, not shown).
     """
 
     catalog: Path
@@ -155,6 +162,10 @@ class PairResult:
     n_candidates: int
     seconds: float
     checksum: str
+    band: str | None = None
+    sca: int | None = None
+    mjd: float | None = None
+    table: Table | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -420,8 +431,43 @@ def process_pair(
     seconds = time.perf_counter() - t0
     log.info("%s: %d candidates -> %s (%.2f s)", name, len(table), outputs.catalog,
              table.meta["seconds"])
-    return PairResult(catalog=files[0], files=files, n_candidates=len(table),
-                      seconds=seconds, checksum=files_checksum(files))  # fmt: skip
+    return PairResult(catalog=files[0], files=files, n_candidates=len(table), seconds=seconds,
+                      checksum=files_checksum(files), table=table,
+                      **observation(new_img))  # fmt: skip
+
+
+#: Header keywords of the SCA number and of the exposure's MJD, first found wins.
+SCA_KEYWORDS = ("SCA_NUM", "SCA", "DETECTOR")
+MJD_KEYWORDS = ("MJD-OBS", "MJD_OBS", "MJD")
+
+
+def observation(image) -> dict:
+    """Band, SCA and MJD of an :class:`rtcnn.io.Image` from its header (None when absent).
+
+    Returns
+    -------
+    dict
+        ``band`` (str: GalSim spelling for a Roman band, else as written), ``sca``
+        (int) and ``mjd`` (float, d).
+    """
+    band = image.band.strip() if image.band else None
+    if band:
+        try:
+            band = canonical_band(band)
+        except RtcnnInputError:
+            pass  # not a Roman band: kept as written
+    header = image.header
+    sca = next((header[k] for k in SCA_KEYWORDS if k in header), None)
+    mjd = next((header[k] for k in MJD_KEYWORDS if k in header), None)
+    try:
+        sca = None if sca is None else int(str(sca).upper().removeprefix("WFI"))
+    except ValueError:
+        sca = None
+    try:
+        mjd = None if mjd is None else float(mjd)
+    except ValueError:
+        mjd = None
+    return {"band": band or None, "sca": sca, "mjd": mjd}
 
 
 def _report_masked(name: str, ref, new) -> None:

@@ -1,0 +1,277 @@
+"""``python -m rtcnn.survey``: many pairs on a real Dask cluster (2 workers), resumable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from astropy.table import Table
+
+from rtcnn.detect import main as detect_main
+from rtcnn.errors import RtcnnInputError
+from rtcnn.pipeline import PairOptions, files_checksum
+from rtcnn.survey import (
+    CONF_CLUSTER,
+    MANIFEST_NAME,
+    MERGED_NAME,
+    PLUGIN_NAME,
+    cluster_config,
+    main,
+    read_manifest,
+    run_survey,
+    survey_pairs,
+)
+
+distributed = pytest.importorskip("distributed")
+
+LOW = 0.01  # a threshold at which the untrained test detector reports a few candidates
+OPTIONS = PairOptions(threshold=LOW)
+
+
+@pytest.fixture(scope="module")
+def sequential(small_pairs, tiny_detector_ckpt, tmp_path_factory):
+    """The catalogs of sequential ``rtcnn.detect`` on the six pairs: {pair: Table}."""
+    out = tmp_path_factory.mktemp("sequential")
+    assert detect_main([str(small_pairs), "--ckpt", str(tiny_detector_ckpt), "-o", str(out),
+                        "--threshold", str(LOW), "--no-progress"]) == 0  # fmt: skip
+    return {p.stem: Table.read(p, format="ascii.ecsv") for p in sorted(out.glob("*.ecsv"))}
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A LocalCluster of 2 single-thread workers in this process (threads: fast start)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as c:  # fmt: skip
+        yield c
+
+
+def assert_same_catalog(got: Table, want: Table) -> None:
+    """Row for row, column for column (values and units), metadata but the timings."""
+    assert got.colnames == want.colnames and len(got) == len(want)
+    for name in want.colnames:
+        a, b = np.asarray(got[name]), np.asarray(want[name])
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+        assert got[name].unit == want[name].unit, name
+    assert {k: v for k, v in got.meta.items() if not k.endswith("seconds")} == {
+        k: v for k, v in want.meta.items() if not k.endswith("seconds")}
+
+
+def check_complete(out, sequential) -> None:
+    """Every pair done in the manifest, with intact outputs equal to sequential detect."""
+    rows, _ = read_manifest(out / MANIFEST_NAME)
+    assert sorted(rows) == sorted(sequential)
+    for name, want in sequential.items():
+        row = rows[name]
+        assert row["status"] == "done" and row["error"] is None
+        assert row["files"] == [str(out / "catalogs" / f"{name}.ecsv")]
+        assert files_checksum(row["files"]) == row["checksum"]
+        assert row["n_candidates"] == len(want)
+        assert_same_catalog(Table.read(row["files"][0], format="ascii.ecsv"), want)
+
+
+def test_survey_equals_sequential_detect_merges_and_resumes(small_pairs, tiny_detector_ckpt,
+                                                            sequential, client, tmp_path):
+    pairs = survey_pairs(small_pairs)
+    assert [p.name for p in pairs] == sorted(sequential)
+    out = tmp_path / "survey"
+    summary = run_survey(pairs, out, client, tiny_detector_ckpt, OPTIONS, progress=False)
+    assert (summary.done, summary.skipped, summary.failed) == (6, 0, {})
+    check_complete(out, sequential)
+    assert sum(len(t) for t in sequential.values()) == summary.candidates > 0
+    # the model was loaded once per worker, and both workers worked
+    loads = client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].loads)
+    assert sorted(loads.values()) == [1, 1]
+    rows, _ = read_manifest(out / MANIFEST_NAME)
+    assert len({r["worker"] for r in rows.values()}) == 2
+
+    # the merged Parquet: every candidate, the pair's SCA/band/MJD, the units
+    merged = Table.read(out / MERGED_NAME)
+    assert merged.colnames[:4] == ["pair", "sca", "band", "mjd"]
+    assert len(merged) == summary.candidates and str(merged["mjd"].unit) == "d"
+    for name, want in sequential.items():
+        part = merged[merged["pair"] == name]
+        assert len(part) == len(want)
+        assert set(part["sca"]) <= {rows[name]["sca"]} and set(part["band"]) <= {"H158"}
+        for col in want.colnames:
+            assert part[col].unit == want[col].unit, col
+            a, b = np.asarray(part[col]), np.asarray(want[col])
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), col
+    assert pq.read_schema(out / MANIFEST_NAME).field("seconds").metadata == {b"unit": b"s"}
+
+    # a rerun does no work: nothing submitted, nothing rewritten
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "catalogs").iterdir()}
+    transitions = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+    again = run_survey(pairs, out, client, tiny_detector_ckpt, OPTIONS, progress=False)
+    assert (again.done, again.skipped, again.failed) == (0, 6, {})
+    assert {p: p.stat().st_mtime_ns for p in (out / "catalogs").iterdir()} == mtimes
+    assert client.run_on_scheduler(
+        lambda dask_scheduler: dask_scheduler.transition_counter) == transitions  # no task
+    assert Table.read(out / MERGED_NAME).colnames == merged.colnames
+
+    # a damaged output is redone (its checksum no longer matches), the rest are skipped
+    victim = out / "catalogs" / "pair_0003.ecsv"
+    victim.write_text(victim.read_text().replace("0.", "9.", 1))
+    third = run_survey(pairs, out, client, tiny_detector_ckpt, OPTIONS, progress=False)
+    assert (third.done, third.skipped) == (1, 5)
+    check_complete(out, sequential)
+
+    # other settings into the same directory are refused (nothing silently mixed)
+    with pytest.raises(RtcnnInputError, match="another options; use a new output directory"):
+        run_survey(pairs, out, client, tiny_detector_ckpt, PairOptions(threshold=0.5),
+                   progress=False)  # fmt: skip
+
+
+def test_ctrl_c_leaves_a_consistent_manifest(small_pairs, tiny_detector_ckpt, sequential,
+                                             client, tmp_path):
+    pairs = survey_pairs(small_pairs)
+    out = tmp_path / "survey"
+    seen = []
+
+    def interrupt(row):
+        seen.append(row["pair"])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_survey(pairs, out, client, tiny_detector_ckpt, OPTIONS, progress=False,
+                   on_result=interrupt)  # fmt: skip
+    rows, _ = read_manifest(out / MANIFEST_NAME)
+    assert sorted(rows) == sorted(sequential)
+    done = [n for n, r in rows.items() if r["status"] == "done"]
+    assert set(seen) <= set(done) and {r["status"] for r in rows.values()} <= {"done", "pending"}
+    for name in done:  # every pair the manifest calls done has its intact outputs
+        assert files_checksum(rows[name]["files"]) == rows[name]["checksum"]
+    resumed = run_survey(pairs, out, client, tiny_detector_ckpt, OPTIONS, progress=False)
+    assert resumed.skipped == len(done) and resumed.done == 6 - len(done)
+    check_complete(out, sequential)
+
+
+def test_a_broken_pair_is_recorded_and_the_rest_finish(small_pairs, tiny_detector_ckpt,
+                                                       sequential, client, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(small_pairs, data)
+    broken = data / "pair_0002" / "new.fits"
+    broken.write_bytes(broken.read_bytes()[:5000])  # a truncated FITS file
+    out = tmp_path / "survey"
+    address = client.scheduler.address  # the command reaches a running scheduler
+    code = main([str(data), "-o", str(out), "--ckpt", str(tiny_detector_ckpt), "--cluster",
+                 address, "--threshold", str(LOW), "--retries", "1", "--no-progress"])
+    assert code == 1
+    printed = capsys.readouterr().out
+    assert "5 done, 0 skipped (already done), 1 failed" in printed
+    assert f"pair_0002: {broken}: " in printed.split("failed pairs")[1]
+    rows, _ = read_manifest(out / MANIFEST_NAME)
+    assert rows["pair_0002"]["status"] == "failed"
+    assert str(broken) in rows["pair_0002"]["error"] and "\n" not in rows["pair_0002"]["error"]
+    good = {k: v for k, v in sequential.items() if k != "pair_0002"}
+    for name, want in good.items():
+        got = Table.read(out / "catalogs" / f"{name}.ecsv", format="ascii.ecsv")
+        want = want.copy()
+        want.meta["ref"] = want.meta["ref"].replace(str(small_pairs), str(data))
+        want.meta["new"] = want.meta["new"].replace(str(small_pairs), str(data))
+        assert_same_catalog(got, want)
+    assert set(Table.read(out / MERGED_NAME)["pair"]) <= set(good)
+    assert not (out / "catalogs" / "pair_0002.ecsv").exists()
+
+
+def test_a_worker_killed_mid_run_loses_nothing(small_pairs, tiny_detector_ckpt, sequential,
+                                               tmp_path):
+    """Worker processes (the kill needs one): SIGKILL a worker while it holds pair tasks.
+
+    The worker processes are forked from this one (which has torch and rtcnn imported), so
+    they start in a fraction of a second instead of importing them again; their torch runs
+    on one thread.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    pairs = survey_pairs(small_pairs)
+    out = tmp_path / "survey"
+    killed = {}
+    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                         dashboard_address=None) as cluster, Client(cluster) as c:  # fmt: skip
+        lock = threading.Lock()
+
+        def kill(row):
+            with lock:
+                if killed:
+                    return
+                busy = {w: ts for w, ts in c.processing().items() if ts}
+                if not busy:
+                    return
+                worker = sorted(busy)[0]
+                pid = c.run(os.getpid, workers=[worker])[worker]
+                killed.update(worker=worker, pid=pid, tasks=busy[worker])
+                os.kill(pid, signal.SIGKILL)
+
+        summary = run_survey(pairs, out, c, tiny_detector_ckpt, OPTIONS, progress=False,
+                             threads=1, on_result=kill)  # fmt: skip
+    assert killed and killed["tasks"], "no worker was busy when the first pair finished"
+    assert (summary.done, summary.failed) == (6, {})
+    check_complete(out, sequential)
+    assert not list((out / "catalogs").glob(".*.tmp"))  # no partial output left behind
+
+
+def test_pair_lists_and_cluster_configs(small_pairs, tmp_path):
+    from rtcnn.io.openuniverse import write_pair_list
+
+    listed = Table({"name": ["a", "b"],
+                    "ref": [str(small_pairs / "pair_0000" / "ref.fits"), "p1/ref.fits"],
+                    "new": [str(small_pairs / "pair_0000" / "new.fits"), "p1/new.fits"]})
+    for suffix in ("ecsv", "csv"):
+        path = write_pair_list(listed, tmp_path / f"pairs.{suffix}")
+        pairs = survey_pairs(path)
+        assert [p.name for p in pairs] == ["a", "b"]
+        assert pairs[0].new == small_pairs / "pair_0000" / "new.fits"
+        assert pairs[1].ref == tmp_path / "p1" / "ref.fits"  # relative to the list
+    bad = write_pair_list(Table({"new": ["x.fits"]}), tmp_path / "bad.ecsv")
+    with pytest.raises(RtcnnInputError, match="needs columns ref and new"):
+        survey_pairs(bad)
+    assert [p.name for p in survey_pairs(str(small_pairs / "pair_000[12]"))] == [
+        "pair_0001", "pair_0002"]
+
+    # the SLURM configurations build real dask-jobqueue job scripts
+    from dask_jobqueue import SLURMCluster
+
+    assert {p.stem for p in CONF_CLUSTER.glob("*.yaml")} >= {"local", "slurm",
+                                                              "slurm_gpu_example"}
+    for name, expect in (("slurm", ["#SBATCH -p regular", "#SBATCH -t 02:00:00",
+                                    "#SBATCH --cpus-per-task=8", "--nthreads 1"]),
+                         ("slurm_gpu_example", ["#SBATCH --constraint=gpu",
+                                                "#SBATCH --gpus-per-task=1",
+                                                "#SBATCH --cpus-per-task=16", "--nthreads 1",
+                                                "module load pytorch", "--resources GPU=1"])):
+        cfg = cluster_config(name)
+        assert cfg["kind"] == "slurm" and cfg["workers"] >= 1
+        # the site's network interface (the GPU example's hsn0) does not exist here
+        with SLURMCluster(**{**cfg["cluster"], "interface": None}) as cluster:
+            script = cluster.job_script()
+        for line in expect:
+            assert line in script, (name, line)
+    assert cluster_config("local")["kind"] == "local"
+    assert cluster_config("tcp://127.0.0.1:8786") is None
+
+
+def test_user_mistakes_exit_2(small_pairs, tiny_detector_ckpt, tmp_path, capsys):
+    cases = [
+        (["--ckpt", str(tmp_path / "none.ckpt")], "none.ckpt: no such checkpoint file"),
+        (["--ckpt", str(tiny_detector_ckpt), "--workers", "0"], "--workers must be >= 1"),
+        (["--ckpt", str(tiny_detector_ckpt), "--threshold", "2"], "--threshold must lie in"),
+        (["--ckpt", str(tiny_detector_ckpt), "--cluster", str(tmp_path / "c.yaml")],
+         "c.yaml: no such cluster configuration"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(small_pairs), "-o", str(tmp_path / "o"), *extra])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("rtcnn: error: ") and message in err, err
+    assert not (tmp_path / "o").exists()
