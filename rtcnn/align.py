@@ -97,6 +97,7 @@ MAP_STEP = 128  # px, spacing of the nodes where the WCS transform is evaluated 
 SPLINE_ORDER = 3  # cubic B-spline interpolation of the reference
 EDGE_PX = 1.0  # px, reference border where the cubic spline lacks support (masked)
 BLOCK_ROWS = 256  # output rows per resampling block (bounds the coordinate memory)
+CROP_MARGIN = 12  # px of reference kept around the mapped area before the spline filter
 THREADS = 2  # threads for the spline filter and the resampling (scipy releases the GIL)
 CENTROID_BOX = 7  # px, side of the centroid box (odd)
 MIN_STARS = 5  # matched peaks needed to apply an astrometric correction
@@ -114,6 +115,7 @@ __all__ = [
     "grid_offset",
     "bright_peaks",
     "measure_offset",
+    "pix2pix",
     "pixel_map",
     "read_aligned_pair",
     "subsample_sigma",
@@ -151,7 +153,8 @@ class AlignInfo:
         Wall time of the alignment.
     ref_variance : (ny, nx) float32 ndarray or None
         The reference's variance plane on the new grid ((new image units)^2), when the
-        reference file has one.
+        reference file has one (a property: computed on first use from
+        ``variance_source``).
     """
 
     method: str
@@ -165,7 +168,15 @@ class AlignInfo:
     nstars: int = 0
     offset_applied: bool = False
     seconds: float = 0.0
-    ref_variance: np.ndarray | None = field(default=None, repr=False)
+    variance_source: object = field(default=None, repr=False)
+
+    @property
+    def ref_variance(self) -> np.ndarray | None:
+        """The reference's variance plane on the new grid, read and resampled on first use
+        (it costs as much as the image's resampling, and only some callers want it)."""
+        if callable(self.variance_source):
+            self.variance_source = self.variance_source()
+        return self.variance_source
 
     @property
     def resampled(self) -> bool:
@@ -214,9 +225,8 @@ def pixel_map(new_wcs: WCS, ref_wcs: WCS, new_shape: tuple[int, int],
     gx = np.linspace(0.0, nx - 1.0, max(4, math.ceil((nx - 1) / step) + 1))
     gy = np.linspace(0.0, ny - 1.0, max(4, math.ceil((ny - 1) / step) + 1))
     mx, my = np.meshgrid(gx, gy)
-    xr, yr = pixel_to_pixel(new_wcs, ref_wcs, mx.ravel(), my.ravel())
-    xr = np.asarray(xr, dtype=np.float64).reshape(mx.shape)
-    yr = np.asarray(yr, dtype=np.float64).reshape(mx.shape)
+    xr, yr = pix2pix(new_wcs, ref_wcs, mx.ravel(), my.ravel())
+    xr, yr = xr.reshape(mx.shape), yr.reshape(mx.shape)
     if not (np.isfinite(xr).all() and np.isfinite(yr).all()):
         raise RtcnnInputError(None, "the reference WCS cannot map the new image's pixels "
                               "(the images do not overlap on the sky)")
@@ -224,11 +234,11 @@ def pixel_map(new_wcs: WCS, ref_wcs: WCS, new_shape: tuple[int, int],
             RectBivariateSpline(gy, gx, yr, kx=3, ky=3))
 
 
-def _filtered(data: np.ndarray, threads: int) -> np.ndarray:
-    """Cubic B-spline coefficients of ``data`` (float32), in row/column blocks on threads."""
+def _filtered(out: np.ndarray, threads: int) -> np.ndarray:
+    """Cubic B-spline coefficients of the float32 C-contiguous ``out``, computed in place in
+    row/column blocks on threads; returns ``out``."""
     from scipy.ndimage import spline_filter1d
 
-    out = np.array(data, dtype=np.float32, order="C")
     ny, nx = out.shape
 
     def rows(s):  # filter along x, a block of rows, in place
@@ -274,17 +284,30 @@ def resample(data: np.ndarray, spline_x, spline_y, out_shape: tuple[int, int],
         Output pixels outside the reference (or within :data:`EDGE_PX` of its edge) or
         within two pixels of a bad reference pixel.
     """
-    from scipy.ndimage import binary_dilation, map_coordinates
+    from scipy.ndimage import map_coordinates, maximum_filter
 
     ny_ref, nx_ref = data.shape
-    src = np.asarray(data)
-    if bad is not None and bad.any():
-        src = np.where(bad, np.float32(0.0), src)
-        bad_near = binary_dilation(bad, iterations=2).astype(np.uint8)  # the spline's reach
-    else:
-        bad_near = None
-    coef = _filtered(src, threads)
     ny, nx = out_shape
+    # only the part of the reference that the output maps onto is filtered (a coadd is
+    # larger than the new image); CROP_MARGIN px more keep the crop's edge out of reach
+    # of the spline prefilter (its influence falls as 0.268^n: 1e-7 at 12 px)
+    sx = spline_x(np.linspace(0, ny - 1, 65), np.linspace(0, nx - 1, 65)) + offset[0]
+    sy = spline_y(np.linspace(0, ny - 1, 65), np.linspace(0, nx - 1, 65)) + offset[1]
+    x0 = int(np.clip(math.floor(sx.min()) - CROP_MARGIN, 0, nx_ref))
+    x1 = int(np.clip(math.ceil(sx.max()) + CROP_MARGIN + 1, x0, nx_ref))
+    y0c = int(np.clip(math.floor(sy.min()) - CROP_MARGIN, 0, ny_ref))
+    y1 = int(np.clip(math.ceil(sy.max()) + CROP_MARGIN + 1, y0c, ny_ref))
+    src = np.array(data[y0c:y1, x0:x1], dtype=np.float32)  # native copy, filtered in place
+    if src.size == 0:
+        raise RtcnnInputError(None, "the reference does not overlap the new image")
+    bad_near = None
+    if bad is not None and bad[y0c:y1, x0:x1].any():
+        sub_bad = bad[y0c:y1, x0:x1]
+        src[sub_bad] = 0.0
+        # pixels within the cubic spline's reach (+-2 px) of a bad one: a 5x5 maximum
+        # (separable, unlike a binary dilation)
+        bad_near = maximum_filter(sub_bad.view(np.uint8), size=5, mode="constant")
+    coef = _filtered(src, threads)
     out = np.empty((ny, nx), dtype=np.float32)
     uncovered = np.empty((ny, nx), dtype=bool)
     xs = np.arange(nx, dtype=np.float64)
@@ -296,7 +319,7 @@ def resample(data: np.ndarray, spline_x, spline_y, out_shape: tuple[int, int],
         s = slice(y0, y0 + ys.size)
         outside = ((xr < EDGE_PX) | (xr > nx_ref - 1 - EDGE_PX)
                    | (yr < EDGE_PX) | (yr > ny_ref - 1 - EDGE_PX))
-        coords = np.stack([yr, xr]).astype(np.float32)
+        coords = np.stack([yr - y0c, xr - x0]).astype(np.float32)
         map_coordinates(coef, coords, order=SPLINE_ORDER, prefilter=False, mode="constant",
                         cval=0.0, output=out[s])
         if bad_near is not None:
@@ -367,17 +390,54 @@ def bright_peaks(data: np.ndarray, snr: float = STAR_SNR, max_peaks: int = MAX_S
 
 
 def _centroids(data: np.ndarray, x, y) -> tuple[np.ndarray, np.ndarray]:
-    """photutils windowed centre-of-mass centroids in a :data:`CENTROID_BOX` box."""
-    from photutils.centroids import centroid_com, centroid_sources
+    """photutils centre-of-mass centroids (:func:`~photutils.centroids.centroid_com`) in a
+    :data:`CENTROID_BOX` box centred on the pixel nearest each ``(x, y)`` (the boxes of
+    :func:`~photutils.centroids.centroid_sources`, cut here so that only the boxes, not the
+    whole image, are copied and cleaned of NaN); NaN where a box leaves the image."""
+    from photutils.centroids import centroid_com
 
-    if len(x) == 0:
-        return np.zeros(0), np.zeros(0)
-    arr = np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    arr = np.asarray(data)
+    ny, nx = arr.shape
+    h = CENTROID_BOX // 2
+    cx, cy = np.full(len(x), np.nan), np.full(len(x), np.nan)
+    for k, (xi, yi) in enumerate(zip(np.asarray(x, float), np.asarray(y, float))):
+        if not (math.isfinite(xi) and math.isfinite(yi)):
+            continue
+        ix, iy = int(round(xi)), int(round(yi))
+        if ix - h < 0 or iy - h < 0 or ix + h >= nx or iy + h >= ny:
+            continue
+        box = np.array(arr[iy - h:iy + h + 1, ix - h:ix + h + 1], dtype=np.float64)
+        bad = ~np.isfinite(box)
+        if bad.any():
+            box[bad] = 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bx, by = centroid_com(box)
+        cx[k], cy[k] = ix - h + bx, iy - h + by
+    return cx, cy
+
+
+def pix2pix(wcs_from: WCS, wcs_to: WCS, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """0-based pixel positions of ``wcs_from`` -> those of ``wcs_to`` (float64 arrays).
+
+    Through :meth:`~astropy.wcs.WCS.all_pix2world` / ``all_world2pix`` (SIP included)
+    when both WCSs use the same celestial frame, else through
+    :func:`astropy.wcs.utils.pixel_to_pixel` (with the frame transformation); the fast
+    path skips building SkyCoord objects, which costs more than the transform itself on
+    a few thousand points.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    a, b = wcs_from.wcs, wcs_to.wcs
+    same = (list(a.ctype) == list(b.ctype) and str(a.radesys) == str(b.radesys)
+            and (a.equinox == b.equinox or (math.isnan(a.equinox) and math.isnan(b.equinox))))
+    if not same:
+        xr, yr = pixel_to_pixel(wcs_from, wcs_to, x, y)
+        return np.asarray(xr, float), np.asarray(yr, float)
+    ra, dec = wcs_from.all_pix2world(x, y, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cx, cy = centroid_sources(arr, np.asarray(x, float), np.asarray(y, float),
-                                  box_size=CENTROID_BOX, centroid_func=centroid_com)
-    return np.asarray(cx, float), np.asarray(cy, float)
+        xr, yr = wcs_to.all_world2pix(ra, dec, 0, tolerance=1e-6, maxiter=50, quiet=True)
+    return np.asarray(xr, float), np.asarray(yr, float)
 
 
 def measure_offset(ref_data: np.ndarray, new_data: np.ndarray, new_wcs: WCS, ref_wcs: WCS,
@@ -401,8 +461,7 @@ def measure_offset(ref_data: np.ndarray, new_data: np.ndarray, new_wcs: WCS, ref
     ok = np.isfinite(cx) & np.isfinite(cy)
     if not ok.any():
         return math.nan, math.nan, math.nan, math.nan, 0
-    mx, my = pixel_to_pixel(new_wcs, ref_wcs, cx[ok], cy[ok])
-    mx, my = np.asarray(mx, float), np.asarray(my, float)
+    mx, my = pix2pix(new_wcs, ref_wcs, cx[ok], cy[ok])
     ny, nx = ref_data.shape
     inside = ((mx > CENTROID_BOX) & (mx < nx - 1 - CENTROID_BOX) & (my > CENTROID_BOX)
               & (my < ny - 1 - CENTROID_BOX))
@@ -520,9 +579,13 @@ def align_pair(ref: Image, new: Image, *, tolerance: float = GRID_TOLERANCE,
             mask = None if ref.mask is None else ref.mask[iy:iy + ny, ix:ix + nx]
             info = AlignInfo(method="crop", grid_offset_px=offset,
                              uncovered_fraction=0.0 if mask is None else float(mask.mean()))
-            var = _variance_plane(ref)
-            if var is not None:
-                info.ref_variance = var[iy:iy + ny, ix:ix + nx] * np.float32(scale**2)
+
+            def crop_variance(ref=ref, ix=ix, iy=iy, ny=ny, nx=nx):
+                var = _variance_plane(ref)
+                return None if var is None else var[iy:iy + ny, ix:ix + nx] * np.float32(
+                    scale**2)
+
+            info.variance_source = crop_variance
             cropped = _with(ref, data=data, mask=mask if mask is not None and mask.any()
                             else None, wcs=new.wcs)
             return _scaled(cropped, new, scale, info, t0), new, info
@@ -538,11 +601,15 @@ def align_pair(ref: Image, new: Image, *, tolerance: float = GRID_TOLERANCE,
                                threads)
     if not uncovered.any():
         uncovered = None
-    var = _variance_plane(ref)
-    if var is not None:
-        bad = ref.mask if ref.mask is not None else None
-        info.ref_variance = _resample_linear(var, spline_x, spline_y, new.shape, shift, bad,
-                                             threads) * np.float32(scale**2)
+
+    def resampled_variance():
+        var = _variance_plane(ref)
+        if var is None:
+            return None
+        return _resample_linear(var, spline_x, spline_y, new.shape, shift, ref.mask,
+                                threads) * np.float32(scale**2)
+
+    info.variance_source = resampled_variance
     info.uncovered_fraction = 0.0 if uncovered is None else float(uncovered.mean())
     header = ref.header.copy()
     header["ALIGNED"] = ("spline3", "resampled onto the new image's grid (rtcnn.align)")
@@ -580,9 +647,13 @@ def _resample_linear(plane, spline_x, spline_y, shape, shift, bad, threads):
 def _scaled(ref: Image, new: Image, scale: float, info: AlignInfo, t0: float) -> Image:
     """``ref`` on the new zero point (the same object when nothing changes)."""
     info.zp_scale = scale
-    if info.ref_variance is None and info.method in ("same-grid", "no-wcs"):
-        var = _variance_plane(ref)
-        info.ref_variance = None if var is None else var * np.float32(scale**2)
+    if info.variance_source is None and info.method in ("same-grid", "no-wcs"):
+
+        def same_variance():
+            var = _variance_plane(ref)
+            return None if var is None else var * np.float32(scale**2)
+
+        info.variance_source = same_variance
     out = ref
     if scale != 1.0:
         data = np.asarray(ref.data, dtype=np.float32) * np.float32(scale)
