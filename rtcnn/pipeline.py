@@ -40,6 +40,7 @@ from rtcnn.errors import RtcnnInputError
 from rtcnn.inference import (
     DEFAULT_BATCH,
     MODES,
+    STAMP_SIZE,
     dense_detections,
     native_bf16,
     prepare_detector,
@@ -301,6 +302,9 @@ def detect_pair(
     device = torch.device(device)
     if mode == "auto":
         mode = "dense" if device.type == "cuda" else "stamps"
+    if min(new.shape) < STAMP_SIZE:  # said before any padding to the network stride
+        raise RtcnnInputError(new.path, f"image {new.shape[1]} x {new.shape[0]} px is too small: "
+                              f"the detector needs at least {STAMP_SIZE} x {STAMP_SIZE} px")
     t0 = time.perf_counter()
     d = difference_image(ref, new)
     wcs = new.require_wcs("give the candidates RA/Dec")
