@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from rtcnn.catalog import atomic_write
+from rtcnn.io.pairdir import check_output
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.roman import SCA_AREA
 from rtcnn.scoring import (  # noqa: F401 - the library's names, re-exported for callers
@@ -103,9 +104,10 @@ def run(args) -> dict:
     if len(thr) not in (1, len(methods)):
         raise RtcnnInputError(None, "--threshold takes one value or one per catalog")
     thr = thr * len(methods) if len(thr) == 1 else thr
-    for path in (args.plot, args.json):
-        if path is not None and Path(path).exists() and not args.overwrite:
-            raise RtcnnInputError(path, "already exists; pass --overwrite to replace it")
+    inputs = [p for p in (*args.catalogs, *(args.truth or [])) if "{pair}" not in p]
+    for path in (args.plot, args.json):  # refused before any work; never an input
+        if path is not None:
+            check_output(path, args.overwrite, inputs)
     pairs = load_pairs(args.catalogs, args.truth, args.data, args.shape,
                        photometry=args.dmag_truth == "photometry")
     results = {}

@@ -56,6 +56,7 @@ from scipy.spatial import cKDTree
 
 from rtcnn.catalog import atomic_write, read_catalog
 from rtcnn.errors import RtcnnInputError
+from rtcnn.io.pairdir import NEW_NAME, REF_NAME
 from rtcnn.roman import SCA_AREA
 
 log = logging.getLogger(__name__)
@@ -695,7 +696,7 @@ def image_area(catalog: Table, truth_path: Path, shape: tuple[int, int] | None) 
         return float(meta[0]) * float(meta[1])
     from astropy.io import fits
 
-    for name in ("new.fits", "ref.fits"):
+    for name in (NEW_NAME, REF_NAME):
         p = truth_path.parent / name
         if p.is_file():
             try:
@@ -717,13 +718,13 @@ def _read_truth(path: Path) -> Table:
     """
     from rtcnn.io import read_image, read_truth
 
-    image = next((read_image(p) for p in (path.parent / "new.fits", path.parent / "ref.fits")
+    image = next((read_image(p) for p in (path.parent / NEW_NAME, path.parent / REF_NAME)
                   if p.is_file()), None)
     return read_truth(path, image=image)
 
 
 def _truth_dmag(truth: Table, truth_path: Path, photometry: bool) -> np.ndarray | None:
-    ref, new = truth_path.parent / "ref.fits", truth_path.parent / "new.fits"
+    ref, new = truth_path.parent / REF_NAME, truth_path.parent / NEW_NAME
     if photometry and ref.is_file() and new.is_file():
         return photometric_dmag(truth, ref, new)
     return None
