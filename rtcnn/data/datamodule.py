@@ -43,6 +43,7 @@ from rtcnn.data.index import (
     warn_empty_pairs,
 )
 from rtcnn.errors import RtcnnInputError
+from rtcnn.io.pairdir import is_complete, pair_dir, read_params
 from rtcnn.tiles import TILE_OVERLAP, TILE_SIZE
 
 log = logging.getLogger(__name__)
@@ -390,12 +391,11 @@ class SimDataModule(FitsDataModule):
         self.scene = dict(scene or {})
 
     def _pair_dirs(self) -> list[Path]:
-        return [Path(self.root[0]) / f"pair_{i:04d}" for i in range(self.sim_args["pairs"])]
+        return [pair_dir(self.root[0], i) for i in range(self.sim_args["pairs"])]
 
     def is_complete(self) -> bool:
         """True when every expected pair directory holds ref, new and truth."""
-        return all((d / n).is_file() for d in self._pair_dirs()
-                   for n in ("ref.fits", "new.fits", "truth.ecsv"))
+        return all(is_complete(d) for d in self._pair_dirs())
 
     def prepare_data(self) -> None:
         """Simulate the set under ``root`` unless it is already there (progress bar)."""
@@ -419,12 +419,8 @@ class SimDataModule(FitsDataModule):
         """An existing set made with other settings is an error, not a silent reuse."""
         from rtcnn.sim.scene import resolve_params
 
-        params = root / "pair_0000" / "params.json"
-        if not params.is_file():
-            return
-        try:
-            got = json.loads(params.read_text())
-        except (OSError, ValueError):
+        got = read_params(pair_dir(root, 0))
+        if got is None:
             return
         for key in ("size", "mode", "seed"):
             want = self.sim_args[key]
