@@ -119,6 +119,7 @@ __all__ = [
     "pixel_map",
     "read_aligned_pair",
     "subsample_sigma",
+    "write_aligned_reference",
     "resample",
     "zeropoint_scale",
 ]
@@ -676,3 +677,39 @@ def read_aligned_pair(ref_path, new_path, hdu=None, memmap: bool = True, **kwarg
     """
     ref, new = read_pair(ref_path, new_path, hdu=hdu, memmap=memmap, other_grid=True)
     return align_pair(ref, new, **kwargs)
+
+
+def write_aligned_reference(ref_path, new_path, out_path, overwrite: bool = False
+                            ) -> tuple[Path, AlignInfo]:
+    """Write the reference of a pair resampled onto the new image's grid, as FITS.
+
+    For readers that take tiles from files by path (the training data layer): the file
+    has the new image's shape and WCS, the new image's zero point (``MAGZP``), NaN where
+    the reference does not cover the new image or is bad, the alignment in ``ALIGN*``
+    cards, and is written atomically (:func:`rtcnn.io.pairdir.atomic_write`).
+
+    Returns
+    -------
+    (path, info) : pathlib.Path, AlignInfo
+    """
+    from rtcnn.io.pairdir import atomic_write
+
+    ref, new, info = read_aligned_pair(ref_path, new_path)
+    data = ref.filled(float("nan"))
+    header = new.wcs.to_header(relax=True) if new.wcs is not None else fits.Header()
+    for key in ("BUNIT", "BAND", "FILTER"):
+        if key in ref.header:
+            header[key] = ref.header[key]
+    if ref.zeropoint is not None:
+        header["MAGZP"] = (float(ref.zeropoint), "[mag] AB mag of 1 unit (the new image's)")
+    if ref.exptime is not None:
+        header["EXPTIME"] = (float(ref.exptime), "[s] effective exposure time")
+    header["ALIGNED"] = (info.method, "rtcnn.align: reference on the new image's grid")
+    header["ALIGNREF"] = (Path(ref_path).name, "reference file resampled")
+    header["ALIGNNEW"] = (Path(new_path).name, "new image whose grid this is")
+    for key, value in info.meta().items():
+        card = "AL" + key.replace("align_", "").upper().replace("_", "")[:6]
+        header[card] = value if not isinstance(value, float) or math.isfinite(value) else None
+    hdu = fits.PrimaryHDU(data.astype(np.float32), header=header)
+    path = atomic_write(out_path, overwrite, hdu.writeto, (ref_path, new_path))
+    return Path(path), info

@@ -268,3 +268,24 @@ def test_read_pair_refuses_two_grids_that_were_not_aligned(tmp_path):
         read_pair(ref_path, new_path)
     ref, new = read_pair(ref_path, new_path, other_grid=True)
     assert ref.shape == new.shape
+
+
+def test_write_aligned_reference_for_tile_readers(tmp_path):
+    """The data layer reads tiles by path: the aligned reference as a file on the new grid."""
+    from rtcnn.align import write_aligned_reference
+    from rtcnn.io import read_image
+
+    rng = np.random.default_rng(12)
+    ref_path, new_path, _ = _pair(tmp_path, rng, make_wcs((150, 140), roll=40.0), (150, 140),
+                                  zp_ref=25.5)
+    out, info = write_aligned_reference(ref_path, new_path, tmp_path / "ref_on_new.fits")
+    img = read_image(out)
+    ref, _, _ = read_aligned_pair(ref_path, new_path)
+    assert img.shape == SHAPE and img.zeropoint == 26.0
+    assert np.array_equal(img.mask, ref.mask)
+    assert np.array_equal(img.filled(0.0), ref.filled(0.0))
+    from rtcnn.io import read_pair
+
+    read_pair(out, new_path)  # one grid now: accepted without alignment
+    with pytest.raises(RtcnnInputError, match="already exists"):
+        write_aligned_reference(ref_path, new_path, out)
