@@ -256,9 +256,12 @@ def read_image(path: str | os.PathLike, hdu: int | str | None = None,
                memmap: bool = True) -> Image:
     """Read one 2-D image and its metadata from a FITS file.
 
-    HDU choice (unless ``hdu`` names one): the primary HDU if it holds 2-D data, else the
-    extension with ``EXTNAME = 'SCI'``, else the first 2-D image extension. Leading axes of
-    length 1 (e.g. ``NAXIS3 = 1``) are dropped; a true cube is an error.
+    HDU choice (unless ``hdu`` names one): the image HDU with ``EXTNAME = 'SCI'``, else the
+    first 2-D floating-point image (primary HDU included), else the first 2-D image (an
+    integer DQ or mask plane never wins over a float image). A constant image is read
+    with a warning (the wrong HDU?). Leading axes of length 1 (e.g. ``NAXIS3 = 1``) are
+    dropped; a true cube is an error. Scaled integers (``BZERO``/``BSCALE``/``BLANK``)
+    are read into memory and converted (astropy cannot map them).
 
     Parameters
     ----------
@@ -626,8 +629,9 @@ def _hdu_name(index: int, header: fits.Header) -> str:
 
 def _warn_if_constant(data: np.ndarray, mask: np.ndarray | None, path, hdu: str) -> None:
     """Warn when every good pixel has the same value (a DQ plane, an empty image...)."""
-    values = data if mask is None else data[~mask]
-    lo, hi = float(np.min(values)), float(np.max(values))
+    good = None if mask is None else ~mask  # no copy of the pixels
+    lo = float(np.min(data, where=good, initial=np.inf) if good is not None else np.min(data))
+    hi = float(np.max(data, where=good, initial=-np.inf) if good is not None else np.max(data))
     if lo == hi:
         log.warning("%s: the image (HDU %s) is constant (every pixel %g); is this the right "
                     "HDU?", path, hdu, lo)
