@@ -530,6 +530,51 @@ def _difference_photometry(ref, new, pos, new_to_ref, radii, mask_ref, mask_new,
     return aperture_flux(diff, pos, *radii, mask=mask, effective_gain=effective_gain)
 
 
+def aperture_dmag(
+    ref: np.ndarray,
+    new: np.ndarray,
+    xy,
+    zp_ref: float,
+    zp_new: float | None = None,
+    *,
+    mask: np.ndarray | None = None,
+    effective_gain: float | None = None,
+    r_ap: float = DEFAULT_R_AP,
+    r_in: float = DEFAULT_R_IN,
+    r_out: float = DEFAULT_R_OUT,
+) -> np.ndarray:
+    """``|m_ref - m_new|`` (mag) at each position by aperture photometry of both images.
+
+    The detections' dmag: :func:`magdiff` (paper eq. 1-2) with both sides measured (no
+    catalog), the same radii and local backgrounds as the truth measurement
+    (:func:`rtcnn.truth.measure_changes`); a lower limit where the object is below
+    :data:`LIMIT_NSIGMA` in one image, NaN where in neither. The aperture correction
+    cancels in the ratio, so none is applied.
+
+    Parameters
+    ----------
+    ref, new : (ny, nx) arrays
+        Registered images (same pixel grid), flux units.
+    xy : (N, 2) array
+        Positions ``(x, y)``, px, 0-based.
+    zp_ref, zp_new : float
+        AB zero points of 1 image unit; ``zp_new`` defaults to ``zp_ref``.
+    mask : (ny, nx) bool array, optional
+        Bad pixels (True) of either image.
+    effective_gain : float, optional
+        See :func:`aperture_flux` (the exposure time for e-/s images).
+
+    Returns
+    -------
+    (N,) float64
+    """
+    nan = np.full(len(_xy_array(xy)), np.nan)
+    tab = magdiff(ref, new, xy, nan, nan, zp_ref, zp_new, r_ap=r_ap, r_in=r_in, r_out=r_out,
+                  mask_ref=mask, mask_new=mask, use_catalog=False,
+                  effective_gain=effective_gain)  # fmt: skip
+    return np.asarray(tab["magdiff"], dtype=np.float64)
+
+
 def magdiff(
     ref: np.ndarray,
     new: np.ndarray,

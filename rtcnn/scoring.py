@@ -104,34 +104,25 @@ def change_magnitude(mag_ref: np.ndarray, mag_new: np.ndarray) -> np.ndarray:
         return np.where(df > 0, -2.5 * np.log10(np.where(df > 0, df, 1.0)), np.nan)
 
 
-def photometric_dmag(truth: Table, ref_path, new_path) -> np.ndarray | None:
+def photometric_dmag(truth: Table, ref_path, new_path, truth_path=None) -> np.ndarray | None:
     """Truth dmag as the data layer defines it, for every truth row.
 
-    :func:`rtcnn.photometry.magdiff` (paper eq. 1-2) with the truth magnitudes and
-    aperture photometry of the pair's images at the true positions, aperture-corrected
-    with the Roman PSF as the data layer does: ``|m_ref - m_new|``
-    where an object is missing from one image is measured against the light at its
-    position there (a host galaxy). Rows where that light is below the detection limit
-    (``lower_limit``: a hostless transient) get NaN, a limit is not a value to compare.
+    :func:`rtcnn.truth.truth_dmag` on the pair's images: the truth measurement the
+    training index uses (paper eq. 1-2 with the truth magnitudes and aperture photometry
+    at the true positions, aperture-corrected with the Roman PSF; zero points from the
+    headers, else eq. 3 from stars), NaN where it is a lower limit (a hostless transient
+    measured against the empty reference: a limit is not a value to compare).
 
     Returns
     -------
     (M,) float64 or None
-        None when either image has no zero point.
+        None when no zero point can be had and one is needed, or the truth is empty.
     """
-    from rtcnn.align import read_aligned_pair
-    from rtcnn.photometry import image_aperture_correction, magdiff
+    from rtcnn.io import read_pair
+    from rtcnn.truth import truth_dmag
 
-    ref, new, _ = read_aligned_pair(ref_path, new_path)  # reference on the new grid
-    if ref.zeropoint is None or new.zeropoint is None or len(truth) == 0:
-        return None
-    xy = np.column_stack([_masked_float(truth, "x"), _masked_float(truth, "y")])
-    tab = magdiff(ref.data, new.data, xy, _masked_float(truth, "mag_ref"),
-                  _masked_float(truth, "mag_new"), ref.zeropoint, new.zeropoint,
-                  apcorr=image_aperture_correction(new), mask_ref=ref.mask, mask_new=new.mask,
-                  effective_gain=new.exptime)  # fmt: skip
-    d = np.asarray(tab["magdiff"], dtype=np.float64)
-    return np.where(np.asarray(tab["lower_limit"], dtype=bool), np.nan, d)
+    ref, new = read_pair(ref_path, new_path)
+    return truth_dmag(truth, ref, new, truth_path)
 
 
 def truth_columns(truth: Table, dmag: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -726,7 +717,7 @@ def _read_truth(path: Path) -> Table:
 def _truth_dmag(truth: Table, truth_path: Path, photometry: bool) -> np.ndarray | None:
     ref, new = truth_path.parent / REF_NAME, truth_path.parent / NEW_NAME
     if photometry and ref.is_file() and new.is_file():
-        return photometric_dmag(truth, ref, new)
+        return photometric_dmag(truth, ref, new, truth_path)
     return None
 
 

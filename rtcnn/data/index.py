@@ -44,6 +44,8 @@ from rtcnn import photometry as phot
 from rtcnn.errors import RtcnnInputError
 from rtcnn.io.pairdir import atomic_write
 from rtcnn.tiles import TILE_OVERLAP, TILE_SIZE, tile_origins, tiles_containing
+from rtcnn.truth import CHANGE_COLUMNS as TRUTH_COLUMNS
+from rtcnn.truth import truth_changes
 
 log = logging.getLogger(__name__)
 
@@ -445,11 +447,7 @@ def _assemble(pairs, per_pair: list[dict], config: IndexConfig, key: str,
 
 
 #: Columns of the changes table and their dtypes (besides ``pair``).
-CHANGE_COLUMNS = {
-    "id": str, "x": np.float64, "y": np.float64, "mag_ref": np.float64,
-    "mag_new": np.float64, "dmag": np.float64, "dmag_method": str, "snr": np.float64,
-    "dflux": np.float64, "kind": str, "selected": bool,
-}
+CHANGE_COLUMNS = {**TRUTH_COLUMNS, "selected": bool}
 
 
 def _index_pair(pair, config: IndexConfig) -> dict:
@@ -529,154 +527,19 @@ def _membership(changes: dict, origins: np.ndarray, config: IndexConfig):
     return members, count
 
 
-def _empty_changes() -> dict:
-    return {col: np.zeros(0, dtype=dt) for col, dt in CHANGE_COLUMNS.items()}
-
-
 def _changes_of_pair(pair, ref, new, config: IndexConfig) -> tuple[dict, tuple]:
-    """The truth changes of one pair with dmag, S/N, dflux and the visibility cut.
+    """The truth changes of one pair (:func:`rtcnn.truth.truth_changes`: dmag, S/N, dflux)
+    and the visibility cut.
 
     Returns the changes' columns (:data:`CHANGE_COLUMNS`) and the zero points (ref, new)
     used (None where unknown and not needed).
     """
-    from rtcnn.io import read_truth
-
-    header_zps = (ref.zeropoint, new.zeropoint)
-    if pair.truth is None:
-        return _empty_changes(), header_zps
-    truth = read_truth(pair.truth, image=ref)
-    if config.kinds is not None and "kind" in truth.colnames:
-        truth = truth[np.isin(np.asarray(truth["kind"]).astype(str), config.kinds)]
-    if len(truth) == 0:
-        return _empty_changes(), header_zps
-    ny, nx = ref.shape
-    x = np.asarray(truth["x"], dtype=np.float64)
-    y = np.asarray(truth["y"], dtype=np.float64)
-    inside = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
-    if not inside.any():
-        raise RtcnnInputError(
-            pair.truth, f"all {len(truth)} catalog positions fall outside the image "
-            f"({nx} x {ny} px, from {pair.ref}); wrong catalog or WCS?")
-    if not inside.all():
-        log.info("%s: %d of %d catalog positions fall outside the image and are ignored",
-                 pair.truth, int((~inside).sum()), len(truth))
-        truth, x, y = truth[inside], x[inside], y[inside]
-    mag_ref = _masked_to_nan(truth, "mag_ref")
-    mag_new = _masked_to_nan(truth, "mag_new")
-    meas = _measure(ref, new, x, y, mag_ref, mag_new, config, pair)
-    dmag, snr, dflux, method = meas["dmag"], meas["snr"], meas["dflux"], meas["method"]
-    for col, measured in (("snr", snr), ("dflux", dflux)):  # truth values win when given
-        if col in truth.colnames:
-            given = _masked_to_nan(truth, col)
-            measured[np.isfinite(given)] = given[np.isfinite(given)]
-    selected = (np.isfinite(dmag) & (dmag >= config.min_dmag) & np.isfinite(snr)
-                & (snr >= config.min_snr))
-    ids = (np.asarray(truth["id"]).astype(str) if "id" in truth.colnames
-           else np.arange(len(truth)).astype(str))
-    kind = (np.asarray(truth["kind"]).astype(str) if "kind" in truth.colnames
-            else np.full(len(truth), "transient"))
-    out = {"id": ids, "x": x, "y": y, "mag_ref": mag_ref, "mag_new": mag_new, "dmag": dmag,
-           "dmag_method": method, "snr": np.asarray(snr, dtype=np.float64),
-           "dflux": dflux, "kind": kind, "selected": selected}
-    out = {k: np.asarray(v, dtype=CHANGE_COLUMNS[k]) for k, v in out.items()}
-    return out, meas["zeropoint"]
-
-
-def _masked_to_nan(table: Table, col: str) -> np.ndarray:
-    if col not in table.colnames:
-        return np.full(len(table), np.nan)
-    c = table[col]
-    vals = np.ma.filled(np.ma.asarray(c, dtype=np.float64), np.nan)
-    return np.asarray(vals, dtype=np.float64)
-
-
-def _measure(ref, new, x, y, mag_ref, mag_new, config, pair) -> dict:
-    """dmag (eq. 1-2), S/N and signed flux change of each change, by :func:`magdiff`.
-
-    Returns a dict of (M,) arrays ``dmag`` (mag, NaN when both sides are limits), ``snr``
-    (measured S/N of the flux change), ``dflux`` (``F_new - F_ref`` in reference image
-    units from the magnitudes used: catalog where known, else aperture or limit) and
-    ``method`` ('catalog' | 'aperture' | 'limit': the weakest source used), plus
-    ``zeropoint`` (ref, new).
-    """
-    zp_ref, zp_new = _pair_zeropoints(ref, new, mag_ref, mag_new, config, pair)
-    xy = np.column_stack([x, y])
-    tab = phot.magdiff(ref.data, new.data, xy, mag_ref, mag_new,
-                       0.0 if zp_ref is None else zp_ref, 0.0 if zp_new is None else zp_new,
-                       r_ap=config.r_ap, r_in=config.r_in, r_out=config.r_out,
-                       apcorr=phot.image_aperture_correction(new, config.r_ap, config.r_in,
-                                                             config.r_out),
-                       mask_ref=ref.mask, mask_new=new.mask)
-    m_ref = np.asarray(tab["m_ref"], dtype=np.float64)
-    m_new = np.asarray(tab["m_new"], dtype=np.float64)
-    zp0 = 0.0 if zp_ref is None else zp_ref
-    with np.errstate(invalid="ignore", over="ignore"):
-        dflux = phot.mag_to_flux(m_new, zp0) - phot.mag_to_flux(m_ref, zp0)
-    measured = (np.asarray(tab["flux_new"], float) * 10.0 ** (-0.4 * ((zp_new or 0.0) - zp0))
-                - np.asarray(tab["flux_ref"], float))
-    dflux = np.where(np.isfinite(dflux), dflux, measured)
-    sides = np.stack([np.asarray(tab["src_ref"]).astype(str),
-                      np.asarray(tab["src_new"]).astype(str)])
-    method = np.where((sides == "limit").any(0), "limit",
-                      np.where((sides == "aperture").any(0), "aperture", "catalog"))
-    return {"dmag": np.asarray(tab["magdiff"], dtype=np.float64),
-            "snr": np.asarray(tab["snr_diff"], dtype=np.float64), "dflux": dflux,
-            "method": method, "zeropoint": (zp_ref, zp_new)}
-
-
-def _pair_zeropoints(ref, new, mag_ref, mag_new, config, pair):
-    """Zero points (ref, new): header, else eq. (3) from a star catalog, else None.
-
-    None is acceptable only when every change has catalog magnitudes in both images
-    (eq. 1 needs no zero point); otherwise it is an error naming the image.
-    """
-    zps = []
-    for side, img in (("ref", ref), ("new", new)):
-        if img.zeropoint is not None:
-            zps.append(float(img.zeropoint))
-            continue
-        stars = _star_catalog(pair, ref)
-        if stars is not None:
-            col = f"mag_{side}" if f"mag_{side}" in stars.colnames else "mag"
-            zp = phot.zeropoint_from_stars(
-                img.data, np.column_stack([stars["x"], stars["y"]]), _masked_to_nan(stars, col),
-                r_ap=config.r_ap, r_in=config.r_in, r_out=config.r_out, mask=img.mask,
-                path=img.path)
-            log.info("%s: no zero point in the header; eq. (3) from %d stars gives %.3f mag",
-                     img.path, zp.n_used, zp.value)
-            zps.append(zp.value)
-            continue
-        if np.isfinite(mag_ref).all() and np.isfinite(mag_new).all():
-            zps.append(None)
-            continue
-        raise RtcnnInputError(
-            img.path, "no zero point in the header (MAGZP...) and no star catalog "
-            f"({', '.join(STAR_CATALOG_NAMES)} or kind='star' rows) to estimate it (eq. 3); "
-            "needed for the magnitude of changes missing from one image")
-    return tuple(zps)
-
-
-STAR_CATALOG_NAMES = ("sources.ecsv", "stars.ecsv")  # star catalogs looked for next to truth
-
-
-def _star_catalog(pair, ref) -> Table | None:
-    """Stars (kind == 'star') from the truth table or a sources/stars catalog, or None."""
-    from rtcnn.io import read_truth
-
-    folder = Path(pair.truth if pair.truth is not None else pair.ref).parent
-    candidates = ([pair.truth] if pair.truth is not None else []) + [
-        folder / n for n in STAR_CATALOG_NAMES]
-    for path in candidates:
-        if not Path(path).is_file():
-            continue
-        table = read_truth(path, image=ref)
-        if "kind" in table.colnames:
-            table = table[np.asarray(table["kind"]).astype(str) == "star"]
-        elif Path(path) == Path(pair.truth or ""):
-            continue
-        if len(table) >= phot.ZP_MIN_STARS and ({"mag", "mag_ref"} & set(table.colnames)):
-            return table
-    return None
+    changes, zps = truth_changes(ref, new, pair.truth, config.kinds, config.r_ap, config.r_in,
+                                 config.r_out, ref_path=pair.ref)  # fmt: skip
+    dmag, snr = changes["dmag"], changes["snr"]
+    changes["selected"] = (np.isfinite(dmag) & (dmag >= config.min_dmag) & np.isfinite(snr)
+                           & (snr >= config.min_snr))
+    return changes, zps
 
 
 def warn_empty_pairs(index: SampleIndex, pair_ids: np.ndarray, where: str | None) -> np.ndarray:
