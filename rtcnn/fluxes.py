@@ -9,15 +9,17 @@ the pair's pixels, :func:`add_measurements` adds these columns:
 =============== ====== =====================================================================
 column          unit   meaning
 =============== ====== =====================================================================
-psf_flux        nJy    forced PSF flux on the difference image at ``(x, y)`` (signed:
-                       negative = fainter in the new image), the Roman effective PSF of the
-                       band (:func:`effective_psf`), weighted linear fit of flux + constant
+psf_flux        nJy    PSF flux on the difference image (signed: negative = fainter in the
+                       new image): weighted fit of the Roman effective PSF of the band
+                       (:func:`effective_psf`) + a constant, the position free within
+                       :data:`PSF_MAX_SHIFT` px of ``(x, y)`` (:func:`measure_psf`; the
+                       aperture flux is measured where it lands)
 psf_flux_err    nJy    its 1-sigma error from the noise model (:func:`pixel_variance`)
 ap_flux         nJy    aperture flux (radius :data:`AP_RADIUS` px, annulus background,
                        :func:`rtcnn.photometry.aperture_flux`), aperture-corrected to total
 ap_flux_err     nJy    its 1-sigma error (annulus noise + both images' source Poisson noise)
 snr                    ``|psf_flux| / psf_flux_err``
-x_err, y_err    pix    position errors: Cramer-Rao bound of the PSF fit (x, y, flux, constant)
+x_err, y_err    pix    position errors of that fit (inverse Fisher matrix of x, y, flux, const)
 ra_err          deg    error of ``ra * cos(dec)`` (as LSST's ``raErr``), from x_err/y_err
                        through the local WCS Jacobian
 dec_err         deg    error of ``dec``
@@ -62,14 +64,15 @@ import numpy as np
 from scipy import ndimage
 
 from rtcnn import roman
-from rtcnn.photometry import aperture_flux, roman_aperture_correction
+from rtcnn.photometry import aperture_correction, aperture_flux
 from rtcnn.difference import RESIDUAL_FRACTION, noise_variance
 from rtcnn.tiles import stamp_index
 
 __all__ = [
     "AB_MAG_NJY", "FLAG_BITS", "MEASURED_COLUMNS", "add_measurements", "aperture_photometry",
     "aperture_source_variance",
-    "decode_flags", "effective_psf", "njy_per_unit", "pixel_variance", "psf_photometry",
+    "decode_flags", "effective_psf", "header_psf", "measure_psf", "njy_per_unit", "pixel_variance",
+    "psf_photometry",
     "sky_errors", "source_flags",
 ]
 
@@ -82,6 +85,8 @@ BRIGHT_RADIUS = 6  # px, half-width of the box searched for a bright reference s
 BRIGHT_RESIDUAL_SNR = 3.0  # residual / difference noise above which the flag is set
 SHARP_MAX = 0.8  # centre-pixel share of the 3x3 flux above which a peak is cosmic-ray-like
 SHARP_MIN_SNR = 3.0  # the centre pixel must exceed this many sigma for the cosmic-ray test
+PSF_ITERATIONS = 6  # Gauss-Newton steps of the PSF fit
+PSF_MAX_SHIFT = 1.5  # px, a PSF fit further than this from the catalog position is not used
 PSF_OVERSAMPLE = 8  # samples per px of the tabulated effective PSF
 PSF_BOX = 63  # px, side of the stamp the effective PSF is drawn (and normalised) in
 SATURATION_KEYWORDS = ("SATURATE", "SATLEVEL")
@@ -89,13 +94,13 @@ SATURATION_KEYWORDS = ("SATURATE", "SATLEVEL")
 FLAG_BITS = {"edge": 1, "masked": 2, "saturated": 4, "bright_star": 8, "cosmic_ray": 16}
 
 MEASURED_COLUMNS = {  # name -> (unit, description)
-    "psf_flux": (u.nJy, "forced PSF flux on the difference image (signed)"),
+    "psf_flux": (u.nJy, "PSF-fit flux on the difference image (signed)"),
     "psf_flux_err": (u.nJy, "1-sigma error of psf_flux"),
     "ap_flux": (u.nJy, f"aperture flux (r = {AP_RADIUS:g} px), aperture-corrected to total"),
     "ap_flux_err": (u.nJy, "1-sigma error of ap_flux"),
     "snr": (None, "|psf_flux| / psf_flux_err"),
-    "x_err": (u.pix, "1-sigma error of x (PSF-fit Cramer-Rao bound)"),
-    "y_err": (u.pix, "1-sigma error of y (PSF-fit Cramer-Rao bound)"),
+    "x_err": (u.pix, "1-sigma position error of the PSF fit along x"),
+    "y_err": (u.pix, "1-sigma position error of the PSF fit along y"),
     "ra_err": (u.deg, "1-sigma error of ra * cos(dec)"),
     "dec_err": (u.deg, "1-sigma error of dec"),
     "is_negative": (None, "True where the source faded in the new image"),
@@ -149,12 +154,15 @@ def pixel_variance(ref: np.ndarray, new: np.ndarray, sigma_bkg: float,
 
 
 @functools.lru_cache(maxsize=32)
-def effective_psf(band: str | None, sca: int = 7) -> np.ndarray:
+def effective_psf(band: str | None, sca: int = 7, position: tuple[float, float] | None = None,
+                  defocus: float = 0.0, jitter: float = 0.0) -> np.ndarray:
     """The Roman effective PSF (optical x pixel) of ``band`` tabulated every 1/8 px.
 
-    Drawn from :func:`rtcnn.roman.get_psf` (SCA centre) in a :data:`PSF_BOX` px square
-    and normalised to unit flux inside it (as :mod:`rtcnn.sim` normalises its PSF), so a
-    fit of it measures the flux inside that box.
+    :func:`rtcnn.roman.get_psf` at ``sca`` and ``position`` (GalSim 1-based SCA px; default
+    the centre) with extra ``defocus`` (waves), convolved with a Gaussian pointing jitter of
+    sigma ``jitter`` (mas) and the pixel, drawn in a :data:`PSF_BOX` px square and
+    normalised to unit flux inside it (as :mod:`rtcnn.sim` normalises its PSF), so a fit of
+    it measures the flux inside that box. Cached.
 
     Returns
     -------
@@ -163,7 +171,9 @@ def effective_psf(band: str | None, sca: int = 7) -> np.ndarray:
     """
     import galsim
 
-    psf = roman.get_psf(roman.canonical_band(band), int(sca))
+    psf = roman.get_psf(roman.canonical_band(band), int(sca), position, float(defocus))
+    if jitter > 0:
+        psf = galsim.Convolve(psf, galsim.Gaussian(sigma=float(jitter) * 1e-3))
     eff = galsim.Convolve(psf, galsim.Pixel(roman.PIXEL_SCALE))
     n = PSF_BOX * PSF_OVERSAMPLE
     img = eff.drawImage(nx=n, ny=n, scale=roman.PIXEL_SCALE / PSF_OVERSAMPLE, method="no_pixel")
@@ -171,11 +181,49 @@ def effective_psf(band: str | None, sca: int = 7) -> np.ndarray:
     return arr * PSF_OVERSAMPLE**2 / arr.sum()
 
 
-def _psf_values(epsf: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+def header_psf(band: str | None, header: Mapping | None) -> tuple[np.ndarray, float, str]:
+    """The PSF table, its aperture correction and a description for an image header.
+
+    The header's SCA (:func:`header_sca`) and, when present, the PSF cards ``rtcnn.sim``
+    writes (``PSFSCAX``/``PSFSCAY`` position, ``PSFDEFOC`` defocus, ``PSFJITT`` jitter);
+    other images get the SCA-centre optics. The aperture correction (``total / aperture``
+    flux at :data:`AP_RADIUS` px, :func:`rtcnn.photometry.aperture_correction`) is measured
+    on the same PSF, sampled at native pixels, with total = the flux in :data:`PSF_BOX`.
+    """
+    h = header or {}
+    sca = header_sca(h)
+
+    def card(key, default=0.0):
+        try:
+            return float(h.get(key, default))
+        except (TypeError, ValueError):
+            return default
+
+    pos = (card("PSFSCAX"), card("PSFSCAY")) if "PSFSCAX" in h and "PSFSCAY" in h else None
+    defocus, jitter = card("PSFDEFOC"), card("PSFJITT")
+    epsf = effective_psf(band, sca, pos, defocus, jitter)
+    apcorr = _psf_aperture_correction(band, sca, pos, defocus, jitter)
+    what = (f"Roman effective PSF, {roman.canonical_band(band)}, SCA {sca}"
+            + (f" at {pos[0]:g},{pos[1]:g}" if pos else "")
+            + (f", defocus {defocus:g} waves" if defocus else "")
+            + (f", jitter {jitter:g} mas" if jitter else ""))  # fmt: skip
+    return epsf, apcorr, what
+
+
+@functools.lru_cache(maxsize=32)
+def _psf_aperture_correction(band, sca, pos, defocus, jitter) -> float:
+    epsf = effective_psf(band, sca, pos, defocus, jitter)
+    half = PSF_BOX // 2
+    native = _psf_values(epsf, np.zeros(1), np.zeros(1), half)[0]  # centred, native pixels
+    return float(aperture_correction(AP_RADIUS, native, total=1.0).factor)
+
+
+def _psf_values(epsf: np.ndarray, dx: np.ndarray, dy: np.ndarray,
+                half: int = PSF_HALF) -> np.ndarray:
     """Pixel values ``(N, S, S)`` of the unit-flux PSF at offsets ``(dx, dy)`` from the
-    stamp centres (``S = 2 PSF_HALF + 1``; cubic interpolation of the table)."""
+    stamp centres (``S = 2 half + 1``; cubic interpolation of the table)."""
     centre = (epsf.shape[0] - 1) / 2.0
-    off = np.arange(-PSF_HALF, PSF_HALF + 1, dtype=np.float64)
+    off = np.arange(-half, half + 1, dtype=np.float64)
     cols = centre + (off[None, None, :] - dx[:, None, None]) * PSF_OVERSAMPLE
     rows = centre + (off[None, :, None] - dy[:, None, None]) * PSF_OVERSAMPLE
     rows, cols = np.broadcast_arrays(rows, cols)
@@ -183,59 +231,136 @@ def _psf_values(epsf: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
                                    mode="constant").reshape(rows.shape)  # fmt: skip
 
 
-def psf_photometry(diff: np.ndarray, var: np.ndarray, x: np.ndarray, y: np.ndarray,
-                   epsf: np.ndarray) -> dict[str, np.ndarray]:
-    """Forced PSF photometry at fixed positions, and the position errors of a PSF fit.
+def psf_photometry(diff: np.ndarray, var: np.ndarray, dx: np.ndarray, dy: np.ndarray,
+                   epsf: np.ndarray, free: bool = True,
+                   iterations: int = PSF_ITERATIONS) -> dict[str, np.ndarray]:
+    """PSF photometry of many sources at once: weighted fit of ``F * psf(dx, dy) + b``.
 
-    Weighted (``1 / var``) linear least squares of ``F * psf(x, y) + b`` on the
-    ``(2 PSF_HALF + 1)^2`` pixels around each position; pixels off the image or with
-    infinite variance get no weight. ``x_err``/``y_err`` are the Cramer-Rao bound of a fit
-    of ``(x, y, F, b)`` at the fitted flux (the inverse Fisher matrix; derivatives of the
-    tabulated PSF by central differences).
+    Weighted (``1 / var``) least squares on each ``(S, S)`` stamp; pixels off the image or
+    with infinite variance get no weight. With ``free`` the offsets ``(dx, dy)`` are fitted
+    too (Gauss-Newton from the given ones, steps clipped to 0.5 px); otherwise the flux and
+    constant are a linear fit at the given offsets (forced photometry). The errors are the
+    inverse Fisher matrix of ``(dx, dy, F, b)`` at the solution (PSF derivatives by central
+    differences of the table).
 
     Parameters
     ----------
     diff, var : (N, S, S) float
-        Difference-image and variance stamps centred on the pixels ``round(x), round(y)``.
-    x, y : (N,) float
-        Positions in px (their offsets from the stamp centres are used).
+        Difference-image and variance stamps (e-/s, (e-/s)^2).
+    dx, dy : (N,) float
+        Source position relative to each stamp's centre pixel, px.
     epsf : (M, M) float
         :func:`effective_psf`.
+    free : bool
+        Fit the position (True) or keep it (False).
+    iterations : int
+        Gauss-Newton steps when ``free``.
 
     Returns
     -------
-    dict of (N,) float64
-        ``flux``, ``flux_err`` (image units), ``x_err``, ``y_err`` (px), ``chi2`` (reduced)
-        and ``ndata`` (pixels used, int).
+    dict of (N,) arrays
+        ``dx``, ``dy`` (px, fitted or given), ``flux``, ``flux_err`` (image units),
+        ``x_err``, ``y_err`` (px), ``chi2`` (reduced) and ``ndata`` (pixels used).
     """
-    n = len(x)
-    dx = np.asarray(x, np.float64) - np.rint(x)
-    dy = np.asarray(y, np.float64) - np.rint(y)
+    n = len(dx)
+    dx = np.array(dx, np.float64)
+    dy = np.array(dy, np.float64)
     w = np.where(np.isfinite(var) & (var > 0), 1.0 / np.where(var > 0, var, 1.0), 0.0)
-    d = np.where(w > 0, diff, 0.0)
-    p = _psf_values(epsf, dx, dy)
-    A = np.stack([p, np.ones_like(p)], axis=-1).reshape(n, -1, 2)
-    AtW = A.transpose(0, 2, 1) * w.reshape(n, 1, -1)
-    M = AtW @ A + 1e-12 * np.eye(2)
-    cov = np.linalg.inv(M)
-    params = (cov @ (AtW @ d.reshape(n, -1, 1)))[..., 0]
-    flux = params[:, 0]
-    ndata = (w > 0).reshape(n, -1).sum(axis=1)
-    model = (A @ params[..., None])[..., 0]
-    chi2 = ((d.reshape(n, -1) - model) ** 2 * w.reshape(n, -1)).sum(axis=1)
-    # Fisher matrix of (x, y, F, b) at the fitted flux
-    h = 0.05  # px, central-difference step
-    px = (_psf_values(epsf, dx + h, dy) - _psf_values(epsf, dx - h, dy)) / (2 * h)
-    py = (_psf_values(epsf, dx, dy + h) - _psf_values(epsf, dx, dy - h)) / (2 * h)
-    F = flux[:, None, None]
-    J = np.stack([F * px, F * py, p, np.ones_like(p)], axis=-1).reshape(n, -1, 4)
-    fisher = (J.transpose(0, 2, 1) * w.reshape(n, 1, -1)) @ J + 1e-12 * np.eye(4)
+    d = np.where(w > 0, diff, 0.0).reshape(n, -1)
+    wf = w.reshape(n, 1, -1)
+    h = 0.05  # px, central-difference step of the PSF derivatives
+
+    def linear(dx, dy):
+        p = _psf_values(epsf, dx, dy).reshape(n, -1)
+        A = np.stack([p, np.ones_like(p)], axis=-1)
+        AtW = A.transpose(0, 2, 1) * wf
+        cov = np.linalg.inv(AtW @ A + 1e-12 * np.eye(2))
+        return (cov @ (AtW @ d[..., None]))[..., 0], cov
+
+    def jacobian(dx, dy, flux):
+        p = _psf_values(epsf, dx, dy).reshape(n, -1)
+        px = ((_psf_values(epsf, dx + h, dy) - _psf_values(epsf, dx - h, dy)) / (2 * h)).reshape(n, -1)
+        py = ((_psf_values(epsf, dx, dy + h) - _psf_values(epsf, dx, dy - h)) / (2 * h)).reshape(n, -1)
+        F = flux[:, None]
+        return p, np.stack([F * px, F * py, p, np.ones_like(p)], axis=-1)
+
+    params, cov2 = linear(dx, dy)
+    flux, bkg = params[:, 0], params[:, 1]
+    for _ in range(iterations if free else 0):
+        p, J = jacobian(dx, dy, flux)
+        r = d - flux[:, None] * p - bkg[:, None]
+        JtW = J.transpose(0, 2, 1) * wf
+        step = np.linalg.solve(JtW @ J + 1e-9 * np.eye(4), (JtW @ r[..., None]))[..., 0]
+        step[:, :2] = np.clip(np.nan_to_num(step[:, :2]), -0.5, 0.5)
+        dx, dy = dx + step[:, 0], dy + step[:, 1]
+        flux, bkg = flux + step[:, 2], bkg + step[:, 3]
+    p, J = jacobian(dx, dy, flux)
+    if free:  # the flux error at the fitted position, as for a fit of flux + constant there
+        cov2 = linear(dx, dy)[1]
     with np.errstate(invalid="ignore"):
-        pos_cov = np.linalg.inv(fisher)
-        return {"flux": flux, "flux_err": np.sqrt(np.clip(cov[:, 0, 0], 0.0, None)),
-                "x_err": np.sqrt(np.clip(pos_cov[:, 0, 0], 0.0, None)),
-                "y_err": np.sqrt(np.clip(pos_cov[:, 1, 1], 0.0, None)),
-                "chi2": chi2 / np.maximum(ndata - 2, 1), "ndata": ndata}  # fmt: skip
+        cov4 = np.linalg.inv((J.transpose(0, 2, 1) * wf) @ J + 1e-12 * np.eye(4))
+        ferr = np.sqrt(np.clip(cov2[:, 0, 0], 0.0, None))
+        ndata = (w > 0).reshape(n, -1).sum(axis=1)
+        chi2 = (((d - flux[:, None] * p - bkg[:, None]) ** 2) * w.reshape(n, -1)).sum(axis=1)
+        return {"dx": dx, "dy": dy, "flux": flux, "flux_err": ferr,
+                "x_err": np.sqrt(np.clip(cov4[:, 0, 0], 0.0, None)),
+                "y_err": np.sqrt(np.clip(cov4[:, 1, 1], 0.0, None)),
+                "chi2": chi2 / np.maximum(ndata - (4 if free else 2), 1), "ndata": ndata}
+
+
+def _difference_stamps(ref, new, mask, ix, iy, sigma_diff, exptime):
+    """Difference and variance stamps ``(N, S, S)`` around pixels, and the ref/new stamps."""
+    rows, cols, inside = stamp_index(new.shape, ix, iy, PSF_HALF)
+    r = np.asarray(ref[rows, cols], np.float64)
+    s = np.asarray(new[rows, cols], np.float64)
+    var = pixel_variance(r, s, sigma_diff, exptime)
+    bad = ~inside | ~np.isfinite(r) | ~np.isfinite(s)
+    if mask is not None:
+        bad |= mask[rows, cols]
+    return np.where(bad, 0.0, s - r), np.where(bad, np.inf, var), r, s
+
+
+def measure_psf(ref, new, x, y, *, sigma_diff: float, epsf: np.ndarray,
+                exptime=(None, None), mask=None) -> dict[str, np.ndarray]:
+    """PSF fluxes and position errors of sources near ``(x, y)`` (:func:`psf_photometry`).
+
+    The position is fitted from ``(x, y)`` on the ``(2 PSF_HALF + 1)^2`` stamp around it,
+    then once more on the stamp around the fitted pixel (so a detection up to
+    :data:`PSF_MAX_SHIFT` px off still has the source in the middle of its stamp). Where
+    the fit fails or moves further than :data:`PSF_MAX_SHIFT`, the flux is the forced fit
+    at ``(x, y)`` (``fitted`` False).
+
+    Returns
+    -------
+    dict of (N,) arrays
+        ``x``, ``y`` (px, where the flux was measured), ``flux``, ``flux_err``,
+        ``x_err``, ``y_err``, ``chi2``, ``ndata`` and ``fitted`` (bool).
+    """
+    ny, nx = new.shape
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    fx, fy = x.copy(), y.copy()
+    for _ in range(2):
+        ix = np.clip(np.rint(fx).astype(np.int64), 0, nx - 1)
+        iy = np.clip(np.rint(fy).astype(np.int64), 0, ny - 1)
+        d, v, _, _ = _difference_stamps(ref, new, mask, ix, iy, sigma_diff, exptime)
+        fit = psf_photometry(d, v, fx - ix, fy - iy, epsf, free=True)
+        fx, fy = ix + fit["dx"], iy + fit["dy"]
+    ok = (np.hypot(fx - x, fy - y) <= PSF_MAX_SHIFT) & np.isfinite(fit["flux"]) & (
+        fit["flux_err"] > 0)
+    if not ok.all():
+        bad = ~ok
+        ix = np.clip(np.rint(x[bad]).astype(np.int64), 0, nx - 1)
+        iy = np.clip(np.rint(y[bad]).astype(np.int64), 0, ny - 1)
+        d, v, _, _ = _difference_stamps(ref, new, mask, ix, iy, sigma_diff, exptime)
+        forced = psf_photometry(d, v, x[bad] - ix, y[bad] - iy, epsf, free=False)
+        for key in ("flux", "flux_err", "x_err", "y_err", "chi2", "ndata"):
+            fit[key] = np.asarray(fit[key], np.float64)
+            fit[key][bad] = forced[key]
+        fx, fy = np.where(ok, fx, x), np.where(ok, fy, y)
+    return {"x": fx, "y": fy, "flux": fit["flux"], "flux_err": fit["flux_err"],
+            "x_err": fit["x_err"], "y_err": fit["y_err"], "chi2": fit["chi2"],
+            "ndata": fit["ndata"], "fitted": ok}  # fmt: skip
 
 
 def aperture_photometry(diff: np.ndarray, x, y, mask: np.ndarray | None,
@@ -423,19 +548,16 @@ def add_measurements(table, ref: np.ndarray, new: np.ndarray, *, wcs, zeropoint:
     ix = np.clip(np.rint(x).astype(np.int64), 0, nx - 1)
     iy = np.clip(np.rint(y).astype(np.int64), 0, ny - 1)
     sca = header_sca(header)
-    rows, cols, inside = stamp_index(new.shape, ix, iy, PSF_HALF)
-    r = np.asarray(ref[rows, cols], np.float64)
-    s = np.asarray(new[rows, cols], np.float64)
-    var = pixel_variance(r, s, sigma_diff, exptime)
-    bad = ~inside if mask is None else (~inside | mask[rows, cols])
-    var = np.where(bad, np.inf, var)
-    diff_st = np.where(bad, 0.0, s - r)
     if n:
-        psf = psf_photometry(diff_st, var, x, y, effective_psf(band, sca))
-        apcorr = roman_aperture_correction(roman.canonical_band(band), sca, box=PSF_BOX).factor
+        epsf, apcorr, psf_model = header_psf(band, header)
+        psf = measure_psf(ref, new, x, y, sigma_diff=sigma_diff, epsf=epsf, exptime=exptime,
+                          mask=mask)  # fmt: skip
+        px, py = psf["x"], psf["y"]  # the aperture goes where the PSF fit found the source
         diff = np.subtract(new, ref, dtype=np.float32)
-        pois = aperture_source_variance(r, s, x, y, exptime)
-        ap, ap_err = aperture_photometry(diff, x, y, mask, pois, apcorr)
+        pix, piy = (np.clip(np.rint(a).astype(np.int64), 0, m - 1) for a, m in ((px, nx), (py, ny)))
+        _, _, r, s = _difference_stamps(ref, new, mask, pix, piy, sigma_diff, exptime)
+        pois = aperture_source_variance(r, s, px, py, exptime)
+        ap, ap_err = aperture_photometry(diff, px, py, mask, pois, apcorr)
         ra_err, dec_err = sky_errors(wcs, x, y, psf["x_err"], psf["y_err"])
     else:
         z = np.zeros(0)
@@ -460,6 +582,7 @@ def add_measurements(table, ref: np.ndarray, new: np.ndarray, *, wcs, zeropoint:
         table[name].unit = unit
         table[name].description = description
     table.meta["flags"] = dict(FLAG_BITS)
-    table.meta["psf_model"] = f"Roman effective PSF, {roman.canonical_band(band)}, SCA {sca}"
+    if n:
+        table.meta["psf_model"] = psf_model
     if zeropoint is None:
         table.meta["flux_unit"] = "no zero point: fluxes in nJy are NaN"
