@@ -47,7 +47,6 @@ from rtcnn.inference import (
     resolve_device,
     stamp_detections,
 )
-from rtcnn.io import read_pair
 from rtcnn.measure import DMAG_SOURCES, Measurement
 from rtcnn.models.detector import DEFAULT_THRESHOLD, DenseDetector
 from rtcnn.postprocess import Sources, best_per_candidate, finalize
@@ -349,17 +348,20 @@ def detect_pair(
 
 
 def load_pair(ref: str | os.PathLike, new: str | os.PathLike):
-    """Read a pair and pull the pixels into memory (float32, NaN where masked).
+    """Read a pair, put the reference on the new image's grid, pull the pixels into memory.
 
     Returns
     -------
-    tuple of rtcnn.io.Image
-        ``(ref, new)``.
+    (ref, new, aligned) : rtcnn.io.Image, rtcnn.io.Image, rtcnn.align.AlignInfo
+        Float32, NaN where masked (the reference also where it does not cover the new
+        image; :func:`rtcnn.align.read_aligned_pair`).
     """
-    ref_img, new_img = read_pair(ref, new)
+    from rtcnn.align import read_aligned_pair
+
+    ref_img, new_img, aligned = read_aligned_pair(ref, new)
     for img in (ref_img, new_img):
         img.data = img.filled(float("nan"))  # native float32 in RAM; NaN stays masked
-    return ref_img, new_img
+    return ref_img, new_img, aligned
 
 
 def files_checksum(paths: Iterable[str | os.PathLike]) -> str:
@@ -396,7 +398,7 @@ def process_pair(
     Parameters
     ----------
     ref, new : path-like
-        Reference and new image (FITS, :func:`rtcnn.io.read_pair`).
+        Reference and new image (FITS, :func:`rtcnn.align.read_aligned_pair`).
     model : Model
         From :func:`load_model`.
     options : PairOptions
@@ -404,7 +406,7 @@ def process_pair(
     name : str, optional
         The pair's name in log lines (default: the new image's directory name).
     images : tuple of rtcnn.io.Image, optional
-        ``(ref, new)`` already read with :func:`load_pair` (a prefetching caller).
+        ``(ref, new, aligned)`` already read with :func:`load_pair` (a prefetching caller).
     progress : tqdm-like, optional
         Per-pair progress bar (see :func:`detect_pair`).
 
@@ -420,11 +422,11 @@ def process_pair(
     """
     t0 = time.perf_counter()
     name = name or Path(new).parent.name or Path(new).stem
-    ref_img, new_img = images if images is not None else load_pair(ref, new)
+    ref_img, new_img, aligned = images if images is not None else load_pair(ref, new)
     _report_masked(name, ref_img, new_img)
     bf16 = model.bf16(options)
     meta = {"model": model.ckpt, "model_name": "dense", "device": str(model.device),
-            "precision": "bf16" if bf16 else "fp32"}  # fmt: skip
+            "precision": "bf16" if bf16 else "fp32", **aligned.meta()}  # fmt: skip
     table = detect_pair(model.net, ref_img, new_img, model.threshold(options),
                           mode=options.mode, batch_size=options.batch_size,
                           device=model.device, bf16=bf16, refine=options.refine,
