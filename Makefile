@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,sweep]"
+	$(PY) -m pip install -q -e ".[test,sweep,roman]"  # test: romanisim for tests/test_asdf.py
 	@touch $(STAMP)
 
 demo: env  ## simulate the default data (if absent), train attn5 briefly on CPU, evaluate

@@ -17,15 +17,15 @@ To add one: write ``bench_x(args)``, register it with ``@register("x", add_args)
     Training tiles/s of ``attn5`` (``conf/model/attn5.yaml``) and of the dense detector
     (``conf/model/dense.yaml``): each step is the task's own ``training_step`` (forward,
     the real loss, the training metrics) + backward + optimizer step, on a fixed batch of
-    synthetic tiles (:func:`synthetic_tiles`: sky noise, PSF-like sources, one transient
-    in the new image; minmax-normalised for attn5 as the data layer does, raw e-/s for the
-    detector), so the figure is the model's compute alone, not the data loading (that is
-    ``data``). For every model, batch (32 and the largest that fits: doubled until it no
-    longer fits in half the free memory on a CPU (capped at 1024) or until CUDA runs out of
-    memory), precision (fp32, bf16 autocast) and mode (eager, ``torch.compile``):
-    ``--repeats`` timed runs of N steps after warm-up steps (compilation included there and
-    reported as ``warmup_s``); median, min and max tiles/s. A compile failure is recorded
-    as its error message.
+    synthetic tiles (:func:`rtcnn.data.synthetic.synthetic_tiles`: sky noise, PSF-like
+    sources, one transient in the new image; minmax-normalised for attn5 as the data layer
+    does, raw e-/s for the detector), so the figure is the model's compute alone, not the
+    data loading (that is ``data``). For every model, batch (32 and the largest that fits:
+    doubled until it no longer fits in half the free memory on a CPU (capped at 1024) or
+    until CUDA runs out of memory), precision (fp32, bf16 autocast) and mode (eager,
+    ``torch.compile``): ``--repeats`` timed runs of N steps after warm-up steps
+    (compilation included there and reported as ``warmup_s``); median, min and max
+    tiles/s. A compile failure is recorded as its error message.
 
 ``infer``
     Seconds for one 4088 x 4088 pair (``--size``) -> catalog, each method in a fresh
@@ -76,7 +76,6 @@ from rtcnn.roman import SCA_NPIX
 BENCH_BATCH = 256  # tiles per batch for the data benchmark
 MIB = 2**20  # bytes
 REPO = Path(__file__).resolve().parents[1]  # the checkout: conf/ and `python -m rtcnn` work here
-CONF_DIR = REPO / "conf"
 DEFAULT_REPEATS = {"data": 5, "train": 5, "infer": 3}  # timed repeats per benchmark
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {}
@@ -351,11 +350,6 @@ GPU_MAX_BATCH = 65536  # tiles, cap of the largest-batch search on a GPU (it sto
 CPU_MEMORY_FRACTION = 0.5  # the largest CPU batch may use at most this fraction of MemAvailable
 TRAIN_WARMUP = 3  # untimed steps before timing (compilation, allocator, oneDNN primitives)
 REPEAT_SECONDS = 2.0  # without --steps, each timed repeat runs about this long
-SKY_NOISE = 0.1  # e-/s per pixel: noise of the synthetic sky-subtracted tiles
-PSF_SIGMA = 0.59  # px, Gaussian sigma of the synthetic sources (Roman H158 FWHM 1.39 px)
-SYN_SOURCES = 4  # constant sources per synthetic tile (both epochs)
-SYN_UNIQUE = 4096  # distinct synthetic tiles at most; a larger batch repeats them
-TILE = 64  # px, tile side (rtcnn.tiles.TILE_SIZE)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -377,84 +371,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=TRAIN_WARMUP, help="untimed steps first")
 
 
-def synthetic_tiles(n: int, rng, size: int = TILE):
-    """Synthetic tile pairs with the pixel statistics of the data: sky noise, sources, a change.
-
-    Parameters
-    ----------
-    n : int
-        Tiles.
-    rng : numpy.random.Generator
-    size : int
-        Tile side, px.
-
-    Returns
-    -------
-    images : (n, 2, size, size) float32
-        e-/s, sky-subtracted: Gaussian noise (:data:`SKY_NOISE`), :data:`SYN_SOURCES`
-        Gaussian PSFs (:data:`PSF_SIGMA`) at 3-1000 sigma peaks in both channels, and one
-        transient at 10-300 sigma in channel 1 (new) only.
-    xy : (n, 2) float32
-        Transient position (x, y), px, 0-based.
-    peak : (n,) float32
-        Transient peak, e-/s.
-    """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    images = rng.normal(0.0, SKY_NOISE, (n, 2, size, size)).astype(np.float32)
-
-    def psf(x, y, peak):  # (n,) each -> (n, size, size)
-        r2 = (xx - x[:, None, None]) ** 2 + (yy - y[:, None, None]) ** 2
-        return (peak[:, None, None] * np.exp(-r2 / (2 * PSF_SIGMA**2))).astype(np.float32)
-
-    for _ in range(SYN_SOURCES):
-        x, y = rng.uniform(-0.5, size - 0.5, (2, n)).astype(np.float32)
-        images += psf(x, y, SKY_NOISE * 10 ** rng.uniform(0.5, 3.0, n))[:, None]
-    xy = rng.uniform(2.0, size - 3.0, (n, 2)).astype(np.float32)
-    peak = (SKY_NOISE * 10 ** rng.uniform(1.0, 2.5, n)).astype(np.float32)
-    images[:, 1] += psf(xy[:, 0], xy[:, 1], peak)
-    return images, xy, peak
-
-
-def synthetic_batch(model: str, n: int, seed: int = 0) -> dict:
-    """A training batch of the data contract (:mod:`rtcnn.data`) from :func:`synthetic_tiles`.
-
-    ``attn5``: minmax-normalised tiles (the data layer's default for it); ``dense``: raw
-    e-/s tiles (``experiment=dense`` uses ``normalization: none``). At most
-    :data:`SYN_UNIQUE` distinct tiles, repeated to fill a larger batch.
-    """
-    import torch
-
-    from rtcnn.data import normalize_tiles
-
-    rng = np.random.default_rng(seed)
-    images, xy, peak = synthetic_tiles(min(n, SYN_UNIQUE), rng)
-    if n > SYN_UNIQUE:  # the same compute per tile; saves minutes at GPU batch sizes
-        reps = -(-n // SYN_UNIQUE)
-        images, xy, peak = (np.concatenate([a] * reps)[:n] for a in (images, xy, peak))
-    if model == "attn5":
-        normalize_tiles(images, "minmax")
-    flux = peak * 2 * np.pi * PSF_SIGMA**2  # e-/s
-    batch = {
-        "image": images, "target": xy / np.float32(TILE), "xy": xy[:, None],
-        "valid": np.ones((len(xy), 1), bool), "dflux": flux[:, None],
-        "dmag": rng.uniform(0.2, 3.0, (len(xy), 1)).astype(np.float32),
-        "reversed": np.zeros(len(xy), bool),
-        "snr": (peak / SKY_NOISE).astype(np.float32),
-    }
-    return {k: torch.from_numpy(v) for k, v in batch.items()}
-
-
-def build_task(model: str, **overrides):
-    """The task of ``conf/model/<model>.yaml`` (Hydra-instantiated), with key overrides."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
-    for key, value in {"n_panels": 0, **overrides}.items():
-        cfg[key] = value
-    return instantiate(cfg)
-
-
 class _Steps:
     """One task, one fixed batch, its optimizer: ``step()`` = forward, loss, backward, update."""
 
@@ -464,6 +380,9 @@ class _Steps:
 
         self.torch = torch
         self.device = device
+        from rtcnn.data.synthetic import synthetic_batch
+        from rtcnn.tasks import build_task
+
         self.task = build_task(model, compile=compile, channels_last=channels_last).to(device)
         self.task.setup("fit")  # torch.compile and the memory layout, as in training
         self.task.train()
@@ -646,6 +565,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     """Training tiles/s per model, batch, precision and eager/compile (module docstring)."""
     import torch
 
+    from rtcnn.data.synthetic import SKY_NOISE, SYN_SOURCES
     from rtcnn.inference import native_bf16
 
     device = _device(args)
@@ -655,7 +575,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     cap = args.max_batch or (GPU_MAX_BATCH if device.type == "cuda" else CPU_MAX_BATCH)
     res = {"device": str(device), "torch_threads": torch.get_num_threads(),
            "native_bf16": native_bf16(device),
-           "input": "synthetic tiles (rtcnn.bench.synthetic_tiles): sky noise "
+           "input": "synthetic tiles (rtcnn.data.synthetic.synthetic_tiles): sky noise "
                     f"{SKY_NOISE} e-/s, {SYN_SOURCES} PSF sources, one transient; attn5 "
                     "minmax-normalised, dense raw e-/s; one fixed batch (no data loading)",
            "step": "task.training_step (forward, loss, metrics) + backward + optimizer step",
@@ -689,7 +609,6 @@ def bench_train(args: argparse.Namespace) -> dict:
 
 # --------------------------------------------------------------------------- infer
 INFER_METHODS = ("detector", "baseline", "attn5_scan")
-SCAN_BATCH = 512  # tiles per forward pass of the attn5 grid scan
 
 
 def _infer_args(p: argparse.ArgumentParser) -> None:
@@ -700,8 +619,9 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn5-ckpt", default=None,
                    help="attn5 checkpoint for the grid scan (default: freshly initialised)")
     g.add_argument("--methods", nargs="+", choices=INFER_METHODS, default=list(INFER_METHODS))
-    g.add_argument("--scan-batch", type=int, default=SCAN_BATCH,
-                   help="tiles per forward pass of the attn5 grid scan")
+    g.add_argument("--scan-batch", type=int, default=None,
+                   help="tiles per forward pass of the attn5 grid scan "
+                   "(default rtcnn.inference.SCAN_BATCH)")
 
 
 def _infer_child_args(p: argparse.ArgumentParser) -> None:
@@ -714,44 +634,14 @@ def _infer_child_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--ckpt", default=None)
     p.add_argument("--attn5-ckpt", default=None)
-    p.add_argument("--scan-batch", type=int, default=SCAN_BATCH)
-
-
-def scan_attn5(net, ref: np.ndarray, new: np.ndarray, batch_size: int = SCAN_BATCH,
-               device="cpu", bf16: bool = False) -> np.ndarray:
-    """Run attn5 on every 64 x 64 tile (stride 54) of a pair: one position per tile.
-
-    Tiles are gathered a batch at a time (:func:`rtcnn.inference.extract_stamps`, no loop
-    per tile), minmax-normalised as the data layer does (:func:`rtcnn.data.normalize_tiles`; NaN
-    pixels end as 0), channel 0 the reference.
-
-    Returns
-    -------
-    (N, 2) float32
-        The predicted ``(x, y)`` in image px of each tile of :func:`rtcnn.tiles.tile_origins`.
-    """
-    import torch
-
-    from rtcnn.data import normalize_tiles
-    from rtcnn.inference import extract_stamps
-    from rtcnn.tiles import TILE_SIZE, TILE_STRIDE, tile_origins
-
-    origins = tile_origins(ref.shape, TILE_SIZE, TILE_STRIDE)
-    out = np.empty((len(origins), 2), np.float32)
-    device = torch.device(device)
-    for s in range(0, len(origins), batch_size):
-        o = origins[s:s + batch_size]
-        m = len(o)
-        tiles = normalize_tiles(extract_stamps(ref, new, o, TILE_SIZE), "minmax")
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            pred = net(torch.from_numpy(tiles).to(device)).float().cpu().numpy()
-        out[s:s + m] = pred * TILE_SIZE + o
-    return out
+    p.add_argument("--scan-batch", type=int, default=None)
 
 
 def _fresh_detector_ckpt(path: Path) -> Path:
     """Save an untrained ``conf/model/dense.yaml`` detector as an ``rtcnn.detect`` checkpoint."""
     import torch
+
+    from rtcnn.tasks import build_task
 
     task = build_task("dense")
     torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
@@ -795,23 +685,26 @@ def _infer_child(args: argparse.Namespace) -> dict:
         def run():
             baseline.main(argv)
     else:
+        from rtcnn.checkpoint import load_model
+        from rtcnn.inference import SCAN_BATCH, scan_attn5
         from rtcnn.io import read_pair
-        from rtcnn.tasks import LocalizationTask
+        from rtcnn.models.attn5 import Attn5
+        from rtcnn.tasks import build_task
 
-        if args.attn5_ckpt:
-            net = LocalizationTask.load_from_checkpoint(args.attn5_ckpt, map_location="cpu").net
+        if args.attn5_ckpt:  # read safely (weights_only), an rtcnn network only
+            net = load_model(args.attn5_ckpt, expect=Attn5).net
         else:
             net = build_task("attn5").net
         net = net.eval().to(device)
         bf16 = native_bf16(device)
         info.update(model=str(args.attn5_ckpt or "untrained (freshly initialised)"),
-                    precision="bf16" if bf16 else "fp32", batch=args.scan_batch)
+                    precision="bf16" if bf16 else "fp32", batch=args.scan_batch or SCAN_BATCH)
         out = work / "attn5_scan.npy"
 
         def run():
             ref, new = read_pair(args.ref, args.new)
             xy = scan_attn5(net, ref.filled(float("nan")), new.filled(float("nan")),
-                            args.scan_batch, device, bf16)
+                            args.scan_batch or SCAN_BATCH, device, bf16)
             np.save(out, xy)
     times = []
     for i in range(args.repeats + 1):  # run 0 warms up (imports, page cache, primitives)

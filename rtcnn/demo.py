@@ -5,17 +5,20 @@ Runs the real commands one after another, printing each, so a user can copy them
     python -m rtcnn.train experiment=demo hydra.run.dir=outputs/demo/<time>
     python -m rtcnn.evaluate ckpt_path=outputs/demo/<time>/checkpoints/<best>.ckpt
 
-Extra ``key=value`` arguments are passed to the training command.
+Extra ``key=value`` arguments are passed to the training command. The run directory is
+under ``$PROJECT_ROOT/outputs/demo/`` (the checkout when ``PROJECT_ROOT`` is unset), as for
+``paths.root_dir``. A failing step ends the demo with that step's exit status.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the commands run here
 
 
 def _run(cmd: list[str]) -> None:
@@ -33,7 +36,8 @@ def best_checkpoint(run_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    run_dir = ROOT / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    project = Path(os.environ.get("PROJECT_ROOT") or ROOT)
+    run_dir = project / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
     t0 = time.time()
     _run([sys.executable, "-m", "rtcnn.train", "experiment=demo", f"hydra.run.dir={run_dir}", *argv])
     ckpt = best_checkpoint(run_dir)

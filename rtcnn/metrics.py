@@ -2,7 +2,8 @@
 
 :class:`PixelDistance` accumulates the Euclidean distance between predicted and true
 positions, both given in tile units (position / tile size, the ``attn5`` target) and
-converted to px with ``scale`` (the tile size, 64 px). It reports the paper's figures:
+converted to px with ``scale`` (px per unit: the tile side, or 1 for inputs in px; the
+tasks pass px). It reports the paper's figures:
 the fraction of tiles within 1, 2 and 5 px, and the mean, standard deviation and maximum
 distance (px), plus the number of tiles. :func:`localization_metrics` wraps it in a
 :class:`torchmetrics.MetricCollection` whose prefix (``train/``, ``val/``, ``test/``) and
@@ -17,6 +18,9 @@ import torch
 from torchmetrics import Metric, MetricCollection
 
 from rtcnn.tiles import TILE_SIZE
+
+__all__ = ["DEFAULT_MATCH_RADIUS", "DEFAULT_RADII", "DetectionMetrics", "PixelDistance",
+           "detection_metrics", "localization_metrics", "match_detections"]
 
 DEFAULT_RADII = (1.0, 2.0, 5.0)  # px, the paper's "within r pixels" thresholds
 
@@ -117,8 +121,7 @@ def localization_metrics(
 
 
 # ===================================================================================
-# Detection metrics (dense detector, ``rtcnn.tasks.detection``; added by the detector
-# work, separate from the localisation metrics above)
+# Detection metrics (the dense detector, ``rtcnn.tasks.detection``)
 # ===================================================================================
 DEFAULT_MATCH_RADIUS = 2.0  # px, a detection this close to a true transient is a match
 

@@ -14,9 +14,15 @@ The config is ``conf/train.yaml`` (Hydra). Examples::
     tensorboard --logdir outputs                       # losses, metrics, LR, hparams, panels
 
 Each run writes to its own ``outputs/<task_name>/runs/<time>/`` (multiruns:
-``outputs/<task_name>/multiruns/<time>/<job number>/``): ``checkpoints/`` (best by
-``val/within2px`` and ``last.ckpt``), ``tensorboard/``, ``<task_name>.log``,
-``config_tree.log`` and ``.hydra/``.
+``outputs/<task_name>/multiruns/<time>/<job number>/``): ``checkpoints/`` (best by the
+task's ``monitor``, e.g. ``val/within2px``, and ``last.ckpt``), ``tensorboard/``,
+``<task_name>.log``, ``config_tree.log`` and ``.hydra/``.
+
+An unset ``ckpt_path`` means a fresh run: a run directory that already holds checkpoints
+(``hydra.run.dir=<old run>``) is refused unless ``ckpt_path=`` asks to resume. The main
+config keys, the run directory and the checkpoint are checked before any data is read;
+a mistake is one line ``rtcnn: error: <key or file>: <problem>`` and exit status 2, a
+crash exits 1 (Hydra prints its traceback).
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from typing import Any
 import hydra
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rtcnn.errors import cli_main
 from rtcnn.utils import (
     check_resume_checkpoint,
+    check_run_dir,
+    check_train_config,
     exit_interrupted,
     get_metric_value,
     instantiate_callbacks,
@@ -62,7 +70,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     objects : dict
         ``cfg``, ``datamodule``, ``model``, ``callbacks``, ``loggers``, ``trainer``.
     """
-    check_resume_checkpoint(cfg.get("ckpt_path"))
+    check_train_config(cfg)
+    check_run_dir(cfg.paths.output_dir, cfg.get("ckpt_path"))
+    check_resume_checkpoint(cfg.get("ckpt_path"), OmegaConf.select(cfg, "model.net._target_"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     extras = cfg.get("extras") or {}
@@ -118,4 +128,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    run_hydra_main(main)  # a bad command line (Hydra's own message) exits 2
+    run_hydra_main(main)  # exit 2: a user mistake; 1: a crash

@@ -1,7 +1,11 @@
-"""Helpers of the Hydra commands: build callbacks and loggers, log the config, pick a metric.
+"""Helpers of the Hydra commands: build callbacks and loggers, log the config, pick a metric,
+check the config, the run directory and the checkpoint before any work, and exit codes.
 
-Used by :mod:`rtcnn.train` (and any later command built the same way); nothing here holds
-training logic.
+Used by :mod:`rtcnn.train` and :mod:`rtcnn.evaluate`; nothing here holds training logic.
+
+Importing this module registers the ``rtcnn.task`` config resolver:
+``${rtcnn.task:${model._target_},monitor}`` is the ``monitor`` (or ``mode``) class
+attribute of the task class (:class:`rtcnn.tasks.NetTask`), which the callback configs use.
 """
 
 from __future__ import annotations
@@ -15,12 +19,31 @@ from typing import Any
 import hydra
 from lightning import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from rtcnn.errors import RtcnnInputError
+from rtcnn.errors import EXIT_INPUT_ERROR, RtcnnInputError
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "HPARAM_METRICS",
+    "JobStarted",
+    "RunDirGuard",
+    "check_resume_checkpoint",
+    "check_run_dir",
+    "check_train_config",
+    "exit_interrupted",
+    "get_metric_value",
+    "instantiate_callbacks",
+    "instantiate_loggers",
+    "log_hyperparameters",
+    "log_unusable_pairs",
+    "print_config",
+    "run_hydra_main",
+    "task_attribute",
+]
 
 # metrics shown against the hyperparameters in TensorBoard's HPARAMS tab
 HPARAM_METRICS = (
@@ -127,32 +150,179 @@ def print_config(cfg: DictConfig, save_dir: str | Path | None = None) -> None:
         (Path(save_dir) / "config_tree.log").write_text(text)
 
 
-# --------------------------------------------------------------------------- reliability
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
-_PICKLE_MAGIC = b"\x80"  # legacy (non-zip) torch.save files start with a pickle protocol
+# --------------------------------------------------------------------------- resolvers
+TASK_ATTRIBUTES = ("monitor", "mode")  # what ${rtcnn.task:<target>,<name>} may read
 
 
-def check_resume_checkpoint(ckpt_path: str | Path | None) -> Path | None:
-    """Check ``ckpt_path`` (the checkpoint to resume from) before any work is done.
+def task_attribute(target: str, name: str) -> str:
+    """The ``monitor`` or ``mode`` class attribute of the task class ``target``.
+
+    Parameters
+    ----------
+    target : str
+        The model config's ``_target_``, e.g. ``rtcnn.tasks.localization.LocalizationTask``.
+    name : {'monitor', 'mode'}
 
     Raises
     ------
     RtcnnInputError
-        Missing, a directory, empty, or not a torch checkpoint (by its first bytes).
+        ``target`` is not a subclass of :class:`rtcnn.tasks.NetTask`, or ``name`` is not
+        one of :data:`TASK_ATTRIBUTES`.
+    """
+    from rtcnn.tasks.base import NetTask
+
+    if name not in TASK_ATTRIBUTES:
+        raise RtcnnInputError("rtcnn.task", f"reads one of {TASK_ATTRIBUTES}, not {name!r}")
+    try:
+        cls = hydra.utils.get_class(str(target))
+    except Exception:  # noqa: BLE001 - hydra raises ImportError or ValueError
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, NetTask)):
+        raise RtcnnInputError("model._target_", f"{target!r} is not an rtcnn task class "
+                              "(a subclass of rtcnn.tasks.NetTask)")
+    return getattr(cls, name)
+
+
+OmegaConf.register_new_resolver("rtcnn.task", task_attribute, replace=True)
+
+
+# --------------------------------------------------------------------------- checks
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# key -> (test, what it must be); a key absent from the config (or null, where allowed)
+# is not checked here
+_TRAIN_CHECKS: dict[str, tuple[Any, str]] = {
+    "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.tile_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (px)"),
+    "data.tile_overlap": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (px)"),
+    "data.num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "data.val_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "data.test_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.optimizer.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "model.optimizer.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "seed": (lambda v: v is None or _is_int(v), "an integer (or null)"),
+    "trainer.max_epochs": (lambda v: v is None or (_is_int(v) and (v >= 1 or v == -1)),
+                           "an integer >= 1 (or -1: no limit)"),
+}
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Check the main keys of a ``train`` config before any work, one line per mistake.
+
+    Checks the keys of :data:`_TRAIN_CHECKS` that the config holds (``data.batch_size``,
+    ``data.tile_size``, ``model.optimizer.lr``, ``data.num_workers``, ``seed``,
+    ``trainer.max_epochs``...), and that ``data.tile_overlap < data.tile_size``.
+    ``trainer.max_epochs`` is only checked when the command trains (``train=true``).
+
+    Raises
+    ------
+    RtcnnInputError
+        Naming the key (as the file) and what it must be, e.g.
+        ``data.batch_size: must be an integer >= 1, got 'abc'``.
+    """
+    for key, (ok, what) in _TRAIN_CHECKS.items():
+        if key == "trainer.max_epochs" and not cfg.get("train"):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not OmegaConf.is_dict(node) or leaf not in node:
+            continue
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except Exception as err:  # noqa: BLE001 - a missing or broken interpolation
+            raise RtcnnInputError(key, f"cannot be read ({str(err).splitlines()[0]})") from None
+        if not ok(value):
+            raise RtcnnInputError(key, f"must be {what}, got {value!r}")
+    size, overlap = OmegaConf.select(cfg, "data.tile_size"), OmegaConf.select(cfg,
+                                                                            "data.tile_overlap")
+    if _is_int(size) and _is_int(overlap) and overlap >= size:
+        raise RtcnnInputError("data.tile_overlap",
+                              f"must be smaller than data.tile_size ({size}), got {overlap}")
+
+
+CHECKPOINT_DIR = "checkpoints"  # a run's checkpoints: <run>/checkpoints/*.ckpt
+
+
+def check_run_dir(output_dir: str | Path, ckpt_path: str | Path | None) -> None:
+    """Refuse to train afresh in a run directory that already holds checkpoints.
+
+    A run directory given again (``hydra.run.dir=<old run>``) without ``ckpt_path`` would
+    overwrite the old run's checkpoints; resuming must be asked for (``ckpt_path=``).
+
+    Raises
+    ------
+    RtcnnInputError
+        ``output_dir/checkpoints`` holds a ``.ckpt`` and ``ckpt_path`` is unset.
+    """
+    if ckpt_path:
+        return
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    old = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if old:
+        last = folder / "last.ckpt"
+        resume = last if last.is_file() else old[-1]
+        raise RtcnnInputError(
+            output_dir, f"already holds the checkpoints of a run ({len(old)} in "
+            f"{CHECKPOINT_DIR}/); resume it with ckpt_path={resume}, or train in a new "
+            "directory (leave hydra.run.dir unset)")
+
+
+class RunDirGuard(HydraCallback):
+    """Hydra callback of ``train``: :func:`check_run_dir` before Hydra writes anything.
+
+    Hydra creates the run directory and writes ``.hydra/`` into it before the task starts,
+    so the check runs at ``on_run_start``: a refused run leaves the old run untouched.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        before = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(config)  # ${hydra:...} in the run dir resolves
+        try:
+            output_dir = OmegaConf.select(config, "hydra.run.dir")
+            check_run_dir(output_dir, OmegaConf.select(config, "ckpt_path"))
+        except RtcnnInputError as err:
+            import sys
+
+            print(f"rtcnn: error: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_INPUT_ERROR) from None
+        finally:
+            HydraConfig.instance().cfg = before
+
+
+def check_resume_checkpoint(ckpt_path: str | Path | None,
+                            net_target: str | None = None) -> Path | None:
+    """Check ``ckpt_path`` (the checkpoint to resume from) before any work is done.
+
+    The file is read with the one safe loading policy (:func:`rtcnn.checkpoint.check_checkpoint`:
+    ``torch.load(weights_only=True)``, rtcnn's own network classes only); it must hold the
+    network of this config (``net_target``, the ``model.net._target_``) and the training
+    state that resuming needs (optimizer states and loop progress, not weights alone).
+
+    Raises
+    ------
+    RtcnnInputError
+        Missing, a directory, empty, truncated, not a torch checkpoint, not an rtcnn
+        checkpoint, another network, or weights only; the message ends in ``(ckpt_path)``.
     """
     if not ckpt_path:
         return None
-    path = Path(ckpt_path)
-    if not path.exists():
-        raise RtcnnInputError(path, "checkpoint not found (ckpt_path)")
-    if not path.is_file():
-        raise RtcnnInputError(path, "is a directory, not a checkpoint (ckpt_path)")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if not head:
-        raise RtcnnInputError(path, "empty file, not a checkpoint (ckpt_path)")
-    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
-        raise RtcnnInputError(path, "not a PyTorch/Lightning checkpoint (ckpt_path)")
+    from rtcnn.checkpoint import NETWORKS, check_checkpoint, network_class, read_checkpoint
+
+    expect = network_class(net_target) if net_target in NETWORKS else None
+    path = check_checkpoint(ckpt_path, expect=expect, key="ckpt_path")
+    state = read_checkpoint(path)
+    missing = [k for k in ("optimizer_states", "loops") if k not in state]
+    if missing:
+        raise RtcnnInputError(path, "holds weights only (no " + " or ".join(missing) + "), "
+                              "so training cannot resume from it (ckpt_path)")
     return path
 
 
@@ -199,19 +369,32 @@ def _task_overrides() -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith("ckpt_path=")]
 
 
-def run_hydra_main(main: Any) -> None:
-    """Run a ``@hydra.main`` entry point so that a bad command line exits with status 2.
+class JobStarted(HydraCallback):
+    """Hydra callback (``conf/hydra/default.yaml``): notes that a command's task started.
 
-    Hydra reports a config error (an unknown key, a bad override) itself and exits 1; that
-    happens before the task function starts, which is how it is told apart from a failure
-    of the task (still exit 1 for an unexpected error, 2 for a user mistake).
+    :func:`run_hydra_main` uses it to tell a bad command line (Hydra exits 1 before any
+    job starts: exit 2) from a crash of the task (Hydra also exits 1: kept).
     """
-    from hydra.core.hydra_config import HydraConfig
 
-    HydraConfig.instance().cfg = None
+    started = False
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        JobStarted.started = True
+
+
+def run_hydra_main(main: Any) -> None:
+    """Run a ``@hydra.main`` entry point with the exit codes of the project.
+
+    * 2: a user mistake: an :class:`RtcnnInputError` in the task (one line, through
+      :func:`rtcnn.errors.cli_main`), or a bad command line that Hydra reports itself
+      (an unknown key, a bad override: Hydra exits 1 before any job starts, told by
+      :class:`JobStarted`);
+    * 1: the task crashed (an unexpected error: Hydra prints the traceback).
+    """
+    JobStarted.started = False
     try:
         main()
     except SystemExit as exit_:
-        if exit_.code == 1 and not HydraConfig.initialized():
-            raise SystemExit(2) from None
+        if exit_.code == 1 and not JobStarted.started:
+            raise SystemExit(EXIT_INPUT_ERROR) from None
         raise

@@ -74,6 +74,8 @@ def compose_train(overrides: list[str], out: Path) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig().set_config(cfg)
+    import rtcnn.utils  # noqa: F401 - registers the config resolvers (rtcnn.task)
+
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.paths.work_dir = os.getcwd()
@@ -125,3 +127,29 @@ def tiny_detector_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_detector") / "dense.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+SIM128_PAIRS, SIM128_SIZE, SIM128_SEED = 4, 128, 3  # the set of the small training runs
+
+
+@pytest.fixture(scope="session")
+def sim128(tmp_path_factory) -> Path:
+    """Four 128x128 px inject-mode pairs (rtcnn.sim, seed 3, 6 transients each), made once
+    per session: the data of the interrupt, determinism and evaluate training runs."""
+    from rtcnn.sim import simulate_dataset
+
+    root = tmp_path_factory.mktemp("sim128")
+    simulate_dataset(root, SIM128_PAIRS, SIM128_SIZE, "inject", SIM128_SEED, progress=False,
+                     n_transients=6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread (bitwise-comparable CPU results), restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield 1
+    torch.set_num_threads(before)

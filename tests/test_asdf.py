@@ -6,19 +6,14 @@ from astropy.table import Table
 from numpy.testing import assert_allclose
 from photutils.centroids import centroid_2dg, centroid_sources
 
-romanisim = pytest.importorskip("romanisim")
-rdm = pytest.importorskip("roman_datamodels")
-dqflags = pytest.importorskip("roman_datamodels.dqflags")
+import galsim
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.time import Time
 
-import asdf  # noqa: E402  (after the skips: part of the roman extra)
-import galsim  # noqa: E402
-from astropy import units as u  # noqa: E402
-from astropy.coordinates import SkyCoord  # noqa: E402
-from astropy.time import Time  # noqa: E402
-
-from rtcnn.errors import RtcnnInputError  # noqa: E402
-from rtcnn.io import find_pairs, read_pair, read_truth, sky_to_pixel  # noqa: E402
-from rtcnn.io.asdf import read_asdf_image, write_asdf_pair  # noqa: E402
+from rtcnn.errors import RtcnnInputError
+from rtcnn.io import find_pairs, read_pair, read_truth, sky_to_pixel
+from rtcnn.io.asdf import read_asdf_image, write_asdf_pair
 
 N_PIX = 128  # px, romanisim.parameters.n_pix for the test (an SCA is 4088)
 FILTER = "F158"
@@ -60,7 +55,11 @@ def _memoized(fn):
 @pytest.fixture(scope="module")
 def roman_files(tmp_path_factory):
     """ref.asdf: 5 stars (romanisim L2, galsim PSF, no CRDS); new.asdf: + a transient."""
+    pytest.importorskip("romanisim")  # the test extra installs it; only these tests need it
+    import asdf
+    import roman_datamodels as rdm
     import romanisim.models.bandpass
+    from roman_datamodels import dqflags
     import romanisim.psf
     from romanisim import image, util
     from romanisim.image import inject_sources_into_l2
@@ -128,6 +127,8 @@ def test_asdf_wcs_puts_stars_on_their_centroids(roman_files):
 
 @pytest.mark.filterwarnings("ignore:meta.filename")
 def test_asdf_zeropoint_from_photometry_metadata(roman_files, tmp_path):
+    import roman_datamodels as rdm
+
     out, _, _ = roman_files
     model = rdm.open(out / "ref.asdf")
     model.meta.photometry.conversion_megajanskys = 0.5  # MJy/sr per DN/s
@@ -159,12 +160,15 @@ def test_asdf_pair_directory(roman_files, tmp_path):
     assert_allclose([cx[0], cy[0]], [got["x"][0], got["y"][0]], atol=0.1)
 
 
-def test_asdf_errors(tmp_path, roman_files):
-    out, _, _ = roman_files
+def test_asdf_errors(tmp_path):
     with pytest.raises(RtcnnInputError, match="file not found"):
         read_asdf_image(tmp_path / "missing.asdf")
     with pytest.raises(RtcnnInputError, match="wcs must be one of fits, gwcs"):
-        read_asdf_image(out / "ref.asdf", wcs="sip")
+        read_asdf_image(tmp_path / "missing.asdf", wcs="sip")
+
+
+def test_asdf_unreadable_file(tmp_path):
+    pytest.importorskip("roman_datamodels")  # without it: "needs roman_datamodels"
     bad = tmp_path / "bad.asdf"
     bad.write_text("not asdf\n")
     with pytest.raises(RtcnnInputError, match="cannot be read as a Roman datamodel"):

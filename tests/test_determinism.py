@@ -9,13 +9,7 @@ import torch
 from numpy.testing import assert_array_equal
 
 from rtcnn.data import FitsDataModule, split_pairs
-from test_reliability_interrupt import (  # noqa: F401 - data and threads are fixtures
-    data,
-    load,
-    overrides,
-    threads,
-    train_in_process,
-)
+from support import load, small_run_overrides, train_in_process
 
 
 def test_split_pairs_is_a_function_of_the_seed():
@@ -55,9 +49,9 @@ def assert_same_stream(a: list[dict], b: list[dict]) -> None:
                                y[key].nan_to_num(-1) if y[key].is_floating_point() else y[key]), key
 
 
-def test_same_seed_same_split_and_augmentation_stream(data, tmp_path):
-    a = datamodule(data, tmp_path / "a")
-    b = datamodule(data, tmp_path / "b", workers=2)  # workers do not change the stream
+def test_same_seed_same_split_and_augmentation_stream(sim128, tmp_path):
+    a = datamodule(sim128, tmp_path / "a")
+    b = datamodule(sim128, tmp_path / "b", workers=2)  # workers do not change the stream
     for s in ("train", "val", "test"):
         assert a.pairs(s) == b.pairs(s)
     sa, sb = stream(a), stream(b)
@@ -65,14 +59,14 @@ def test_same_seed_same_split_and_augmentation_stream(data, tmp_path):
     # the stream does change between epochs (order and D4 elements), and with the seed
     half = len(sa) // 2
     assert any(not torch.equal(x["image"], y["image"]) for x, y in zip(sa[:half], sa[half:]))
-    c = datamodule(data, tmp_path / "c", seed=1)
+    c = datamodule(sim128, tmp_path / "c", seed=1)
     sc = stream(c)
     assert (a.pairs("train") != c.pairs("train")
             or any(not torch.equal(x["image"], y["image"]) for x, y in zip(sa, sc)))
 
 
-def test_same_seed_same_metrics_on_cpu(data, threads, tmp_path):
-    args = overrides(data, ["trainer.max_epochs=2"])
+def test_same_seed_same_metrics_on_cpu(sim128, one_thread, tmp_path):
+    args = small_run_overrides(sim128, ["trainer.max_epochs=2"])
     runs = [train_in_process(args, tmp_path / name) for name in ("a", "b")]
     (code_a, ma), (code_b, mb) = runs
     assert code_a == code_b == 0

@@ -276,18 +276,17 @@ def _run_cli(args, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A real training run in miniature: sim pairs, a small attn5 fitted a few steps,
-    ``<run>/checkpoints/last.ckpt`` and ``<run>/.hydra/config.yaml`` with its data config."""
+def tiny_run(sim128, tmp_path_factory):
+    """A real training run in miniature: sim pairs (conftest ``sim128``), a small attn5
+    fitted a few steps, ``<run>/checkpoints/last.ckpt`` and ``<run>/.hydra/config.yaml``
+    with its data config."""
     from omegaconf import OmegaConf
 
     from rtcnn.models.attn5 import Attn5
-    from rtcnn.sim import simulate_dataset
     from rtcnn.tasks import LocalizationTask
 
     tmp = tmp_path_factory.mktemp("tiny")
-    simulate_dataset(tmp / "data", 4, 128, "inject", 3, progress=False, n_transients=6)
-    data_cfg = {"_target_": "rtcnn.data.SimDataModule", "root": str(tmp / "data"), "pairs": 4,
+    data_cfg = {"_target_": "rtcnn.data.SimDataModule", "root": str(sim128), "pairs": 4,
                 "size": 128, "sim_seed": 3, "scene": {"n_transients": 6}, "batch_size": 4, "num_workers": 0,
                 "persistent_workers": False, "val_fraction": 0.25, "test_fraction": 0.25,
                 "progress": False}

@@ -9,7 +9,8 @@ import torch
 from conftest import compose_train, tiny_overrides
 from test_precision import BF16_MEAN_TOL_PX, BF16_TOL_PX
 
-from rtcnn.bench import build_task, synthetic_batch
+from rtcnn.data.synthetic import synthetic_batch
+from rtcnn.tasks import build_task
 from rtcnn.tiles import TILE_SIZE
 from rtcnn.train import train
 

@@ -3,7 +3,7 @@
 The network is the default ``conf/model/attn5.yaml`` one, seeded and trained for a few
 dozen steps (an untrained one says "the centre" for every tile, which would compare
 nothing), in eval mode, on synthetic tiles with the data's pixel statistics
-(``rtcnn.bench.synthetic_batch``: minmax-normalised sky noise, PSF-like sources and a
+(``rtcnn.data.synthetic.synthetic_batch``: minmax-normalised sky noise, PSF-like sources and a
 transient). Its output is ``(x, y)`` in tile units; the tolerances are in px (x 64).
 """
 
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from rtcnn.bench import build_task, synthetic_batch
+from rtcnn.data.synthetic import synthetic_batch
+from rtcnn.tasks import build_task
 from rtcnn.tiles import TILE_SIZE
 
 # bf16 keeps 8 mantissa bits. Attn5 reads the position out in float32 (a bf16 output would

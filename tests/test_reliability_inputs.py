@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from support import run_hydra
 
 REF, NEW, TRUTH = "ref.fits", "new.fits", "truth.ecsv"
 SIZE = 128  # px, side of the simulated pair
@@ -207,23 +207,6 @@ def candidates(good, tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------------------- running
-def run_hydra(module, argv: list[str], monkeypatch, tmp_path: Path) -> int:
-    """``python -m <module> ARGV`` in-process: its Hydra ``main``; returns the exit code."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path / "project"))
-    monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")  # config_path relative to the file
-    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
-    GlobalHydra.instance().clear()
-    try:
-        module.run_hydra_main(module.main)
-    except SystemExit as exit_:
-        return 0 if exit_.code is None else exit_.code
-    finally:
-        logging.getLogger().handlers.clear()  # Hydra's handlers point into tmp_path
-    return 0
-
-
 def run_cli(main, argv: list[str]) -> int:
     """An argparse command's ``main(argv)``; returns the exit code."""
     try:

@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import CONF_DIR, compose_train, tiny_overrides
 from rtcnn.models import Attn5
-from rtcnn.tasks import LocalizationTask, panel_figure
+from rtcnn.tasks import DetectionTask, LocalizationTask, panel_figure
 from rtcnn.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +29,10 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m rtcnn.train ARGS`` in ``cwd`` with the repository importable."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    """``python -m rtcnn.train ARGS`` in ``cwd`` with the repository (and ``tests/``, for the
+    callbacks of ``support``) importable, on one torch thread per process."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     env.pop("PROJECT_ROOT", None)
     proc = subprocess.run([sys.executable, "-m", "rtcnn.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -137,20 +139,78 @@ def test_resume_continues_epochs_and_optimizer(tiny_sim, tmp_path):
     assert "test/within2px" in metrics and "val/within2px_best" not in metrics
 
 
-# two gloo processes: ~20 s on an idle 2-core machine (in `make test`: the DDP path is a must)
-def test_ddp_on_cpu_two_processes(tiny_sim, tmp_path):
-    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.sync_batchnorm=false", "trainer.precision=32", "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
-            "logger=csv", *tiny_overrides(tiny_sim, tmp_path)]
-    proc = run_cli(args, cwd=tmp_path)
-    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
-    assert len(runs) == 1, runs  # both processes share one run directory
-    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
-    rows = read_csv_metrics(runs[0] / "csv" / "metrics.csv")
-    assert epoch_values(rows, "test/within2px")
+def expected_shards(cfg, epoch: int, world: int = 2) -> tuple[dict[int, list[list]], set]:
+    """rank -> the training tiles ``[pair, x0, y0]`` of ``epoch``, in order, that the
+    sampler gives that process (from the composed data config, in this process); and the
+    set of all training tiles."""
+    import hydra.utils
+
+    from rtcnn.data import EpochSampler
+
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup()
+    ds = dm.datasets["train"]
+    names = dm.index.pairs["name"][dm.index.tiles["pair"][ds.tile_ids]]
+    origin = dm.index.tiles["origin"][ds.tile_ids]
+    tiles = [[str(names[i]), *map(int, origin[i])] for i in range(len(ds))]
+    out = {}
+    for rank in range(world):
+        sampler = EpochSampler(len(ds), shuffle=True, seed=cfg.data.seed, num_replicas=world,
+                               rank=rank)
+        sampler.set_epoch(epoch)
+        out[rank] = [tiles[i] for i in sampler.shard()]
+    return out, {tuple(t) for t in tiles}
+
+
+# two gloo processes, twice: ~40 s on an idle 2-core machine (the DDP path is a must)
+def test_ddp_shards_and_an_exact_mid_epoch_resume(tiny_sim, tmp_path):
+    """Two CPU processes (gloo): each trains on its own shard of every epoch (disjoint, and
+    together the whole training split), and a run resumed from a checkpoint saved after
+    step 1 (mid-epoch 0) ends exactly where the uninterrupted run ends, on the same tiles."""
+    from support import assert_same_state, load, read_tiles
+
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.sync_batchnorm=false", "trainer.precision=32", "trainer.max_epochs=2",
+           "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+           "trainer.num_sanity_val_steps=0", "logger=csv", "model.net.filters=[4,8,8,8,8]",
+           *tiny_overrides(tiny_sim, tmp_path), "data.batch_size=4"]
+    record = "+callbacks.record._target_=support.RecordTiles"
+    mid = tmp_path / "mid.ckpt"
+    proc = run_cli([*ddp, f"hydra.run.dir={tmp_path / 'a'}", record,
+                    f"+callbacks.record.folder={tmp_path / 'a_tiles'}",
+                    "+callbacks.pause._target_=support.PauseAt", "+callbacks.pause.step=1",
+                    f"+callbacks.pause.save={mid}"], cwd=tmp_path)
     assert "world_size=2" in proc.stderr or "MEMBER: 2/2" in proc.stderr
+    rows = read_csv_metrics(tmp_path / "a" / "csv" / "metrics.csv")
+    assert epoch_values(rows, "test/within2px")
+
+    # the shards: each process got exactly its sampler's shard, batch by batch
+    cfg = compose_train(ddp, tmp_path / "cfg")
+    seen = read_tiles(tmp_path / "a_tiles")
+    assert sorted(seen) == [0, 1]
+    for epoch in (0, 1):
+        want, every = expected_shards(cfg, epoch)
+        assert {tuple(t) for r in want for t in want[r]} == every  # complete
+        pad = len(want[0]) + len(want[1]) - len(every)
+        assert pad == -len(every) % 2  # disjoint but for the padding to equal shards
+        got = {r: [t for rec in seen[r] if rec["epoch"] == epoch for t in rec["tiles"]]
+               for r in seen}
+        steps = {r: sum(rec["epoch"] == epoch for rec in seen[r]) for r in seen}
+        assert steps[0] == steps[1] >= 2  # the same number of steps on each process
+        for r in (0, 1):  # drop_last: the last partial batch is left out
+            assert got[r] == want[r][: steps[r] * cfg.data.batch_size]
+        assert len({tuple(t) for t in got[0]} & {tuple(t) for t in got[1]}) <= pad
+
+    # resumed under DDP from mid-epoch 0: the same tiles after step 1 and the same end state
+    assert (load(mid)["epoch"], load(mid)["global_step"]) == (0, 1)
+    run_cli([*ddp, f"hydra.run.dir={tmp_path / 'b'}", record,
+             f"+callbacks.record.folder={tmp_path / 'b_tiles'}", f"ckpt_path={mid}",
+             "test=false"], cwd=tmp_path)
+    resumed = read_tiles(tmp_path / "b_tiles")
+    for r in (0, 1):
+        assert resumed[r] == [rec for rec in seen[r] if rec["step"] >= 1]
+    assert_same_state(load(tmp_path / "b" / "checkpoints" / "last.ckpt"),
+                      load(tmp_path / "a" / "checkpoints" / "last.ckpt"))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -236,3 +296,38 @@ def test_task_step_metrics_and_snr_subset():
     assert float(sub["test/n_tiles_snr10"]) == int((batch["snr"] >= 10).sum())
     d = (pred - batch["target"]).norm(dim=1) * 64
     assert_allclose(float(out["test/dist_mean"]), float(d.mean()), rtol=1e-5)
+
+
+class _Centre(torch.nn.Module):
+    """Says every tile's transient is at its centre, (0.5, 0.5) in tile units."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 2), 0.5)
+
+
+@pytest.mark.parametrize("size", [48, 64, 80])
+def test_pixel_metrics_use_the_tile_size_of_the_data(size):
+    """Distances in px are tile units times the side of the batch's tiles (data.tile_size),
+    not a fixed 64 px: a 48 px tile with the transient 3 px from the centre says 3 px."""
+    task = LocalizationTask(_Centre(), n_panels=0)
+    offsets = torch.tensor([[3.0, 0.0], [0.0, -1.5], [4.0, 3.0]])  # px: 3, 1.5 and 5 away
+    batch = {"image": torch.zeros(3, 2, size, size), "target": 0.5 + offsets / size,
+             "snr": torch.tensor([20.0, 5.0, 20.0])}
+    task.validation_step(batch, 0)
+    out, sub = task.val_metrics.compute(), task.val_snr_metrics.compute()
+    assert_allclose(float(out["val/dist_mean"]), (3 + 1.5 + 5) / 3, rtol=1e-5)
+    assert_allclose(float(out["val/dist_max"]), 5.0, rtol=1e-5)
+    assert_allclose([float(out[f"val/within{r}px"]) for r in (1, 2, 5)], [0, 1 / 3, 1])
+    assert_allclose(float(sub["val/dist_mean_snr10"]), 4.0, rtol=1e-5)  # S/N >= 10: 3 and 5
+
+
+@pytest.mark.parametrize("model, task", [("attn5", LocalizationTask), ("dense", DetectionTask)])
+def test_callbacks_watch_the_task_monitor(tmp_path, model, task):
+    """The task class declares its monitor and mode; checkpoint, early stopping and the
+    sweeper's metric follow it (no second copy of the string in the configs)."""
+    assert (LocalizationTask.monitor, DetectionTask.monitor) == ("val/within2px", "val/f1")
+    cfg = compose_train([f"model={model}"], tmp_path / "run")
+    for name in ("model_checkpoint", "early_stopping"):
+        assert cfg.callbacks[name].monitor == task.monitor
+        assert cfg.callbacks[name].mode == task.mode == "max"
+    assert cfg.optimized_metric == f"{task.monitor}_best"

@@ -48,6 +48,9 @@ from rtcnn.tiles import TILE_OVERLAP, TILE_SIZE
 
 log = logging.getLogger(__name__)
 
+__all__ = ["SPLITS", "SPLIT_MODES", "FitsDataModule", "PairDataModule", "SimDataModule",
+           "split_pairs", "split_regions"]
+
 SPLITS = ("train", "val", "test")
 SPLIT_MODES = ("pair", "region")
 

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from rtcnn.augment import apply_batch
 from rtcnn.data.index import SampleIndex
@@ -508,11 +508,25 @@ class TileLoader(DataLoader):
             self.sampler.skip(epoch, int(state.get("batches", 0)) * self.batch_size)
 
 
-class EpochSampler(Sampler):
-    """Seeded order over ``n`` samples that yields ``(index, epoch)`` keys.
+class EpochSampler(DistributedSampler):
+    """Seeded order over ``n`` samples that yields ``(index, epoch)`` keys, sharded under DDP.
 
     The epoch travels with each key to the workers (so persistent workers need no state),
     and ``set_epoch`` (called by Lightning before each epoch) reshuffles.
+
+    Under distributed training (``num_replicas > 1``) each process takes every
+    ``num_replicas``-th key of the epoch's order, from position ``rank``: the shards are
+    disjoint and together complete. The order is first padded, as torch's
+    :class:`~torch.utils.data.DistributedSampler` does, with its first
+    ``-n % num_replicas`` keys, so that every process runs the same number of batches (a
+    process with one batch fewer would wait for the others in a collective forever).
+
+    The class derives from :class:`~torch.utils.data.DistributedSampler` only as the sign,
+    for Lightning, that it shards by itself: Lightning replaces any other sampler of a
+    DDP run with its own wrapper, which would lose the epoch of the keys and the resume
+    state of :class:`TileLoader` (a mid-epoch resume under DDP would then restart the
+    epoch). With this sampler a resume under DDP is exact: every process has delivered
+    the same number of batches, the number the checkpoint records.
 
     Parameters
     ----------
@@ -521,12 +535,26 @@ class EpochSampler(Sampler):
     shuffle : bool
         Permute with ``numpy.random.default_rng([seed, epoch])``; else ``0..n-1``.
     seed : int
+    num_replicas, rank : int, optional
+        Processes and this process's rank; default: those of the initialised
+        ``torch.distributed`` process group, else 1 and 0.
     """
 
-    def __init__(self, n: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0,
+                 num_replicas: int | None = None, rank: int | None = None):
+        # not DistributedSampler.__init__: that needs a process group
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if num_replicas is None:
+            num_replicas = torch.distributed.get_world_size() if distributed else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if distributed else 0
+        if not 0 <= int(rank) < int(num_replicas):
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         self.n = int(n)
         self.shuffle = shuffle
         self.seed = int(seed)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.drop_last = False
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, samples) to leave out once
         self.last_start = 0  # samples the latest pass left out
@@ -534,7 +562,8 @@ class EpochSampler(Sampler):
     def skip(self, epoch: int, samples: int) -> None:
         """Make the next pass over ``epoch`` start at its ``samples``-th key (resuming).
 
-        Passes over other epochs are unaffected and clear the request.
+        ``samples`` counts this process's keys. Passes over other epochs are unaffected
+        and clear the request.
         """
         self._skip = (int(epoch), max(int(samples), 0))
 
@@ -546,13 +575,29 @@ class EpochSampler(Sampler):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.num_replicas) if self.n else 0
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    @property
+    def num_samples(self) -> int:  # DistributedSampler's name for the shard length
+        return len(self)
+
+    @property
+    def total_size(self) -> int:  # DistributedSampler's name for the padded length
+        return len(self) * self.num_replicas
+
+    def shard(self) -> np.ndarray:
+        """This process's sample indices of the current epoch, in order (no skip)."""
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         else:
             order = np.arange(self.n)
+        if self.num_replicas > 1 and self.n:
+            pad = -self.n % self.num_replicas
+            order = np.concatenate([order, np.resize(order, pad)])[self.rank::self.num_replicas]
+        return order
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.shard()
         start = self.pending_skip()
         self._skip = None
         self.last_start = start

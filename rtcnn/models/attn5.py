@@ -47,6 +47,9 @@ N_OUTPUTS = 2  # (x, y) / tile size
 HEADS = ("gap", "softargmax")
 OUT_ACTIVATIONS = (None, "sigmoid")
 
+__all__ = ["Attn5", "ConvBlock", "HEADS", "OUT_ACTIVATIONS", "SoftArgmaxHead",
+           "SpatialAttention", "n_parameters"]
+
 
 def _check_args(
     in_channels: int,

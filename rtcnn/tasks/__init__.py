@@ -1,6 +1,16 @@
 """LightningModules: the loss, metrics and logging around a network (:mod:`rtcnn.models`)."""
 
-from rtcnn.tasks.base import NetTask, augment_batch, panel_figure
+from rtcnn.tasks.base import NetTask, augment_batch, build_net, build_task, net_spec, panel_figure
+from rtcnn.tasks.detection import DetectionTask
 from rtcnn.tasks.localization import LocalizationTask
 
-__all__ = ["LocalizationTask", "NetTask", "augment_batch", "panel_figure"]
+__all__ = [
+    "DetectionTask",
+    "LocalizationTask",
+    "NetTask",
+    "augment_batch",
+    "build_net",
+    "build_task",
+    "net_spec",
+    "panel_figure",
+]

@@ -6,7 +6,10 @@
 * the network (:func:`build_net`; the ``{"_target_": ..., **config}`` spec saved in the
   hyperparameters, so ``load_from_checkpoint(path)`` needs no arguments) and the
   optimizer / scheduler factories (:meth:`NetTask.configure_optimizers`);
-* the speed switches of issue 8, all off by default where they could change a CPU run:
+* the metric the callbacks watch: the class attributes :attr:`NetTask.monitor` and
+  :attr:`NetTask.mode` (torchgeo's convention); the training configs read them through
+  the ``${rtcnn.task:<_target_>,monitor}`` resolver (:func:`rtcnn.utils.task_attribute`);
+* the speed switches, all off by default where they could change a CPU run:
 
   ``compile``
       ``torch.compile`` the network before fitting (:meth:`NetTask.setup`).
@@ -35,6 +38,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,7 +50,13 @@ from torch import nn
 
 from rtcnn.augment import D4_NAMES, apply_batch
 
+__all__ = ["CONF_DIR", "DEFAULT_PANELS", "GPU_AUGMENT_CHOICES", "STAGES", "NetTask",
+           "augment_batch", "build_net", "build_task", "net_spec", "panel_figure"]
+
 GPU_AUGMENT_CHOICES = (True, False, "auto")
+DEFAULT_PANELS = 4  # tiles drawn in the val/panels TensorBoard figure
+STAGES = ("train", "val", "test")  # metric name prefixes: train/..., val/..., test/...
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's Hydra configs
 
 # Lightning warns on every fit that the task's on_after_batch_transfer is used although a
 # DataModule is given; that is the intent (the DataModule defines no such hook).
@@ -180,6 +190,14 @@ def panel_figure(
 class NetTask(LightningModule):
     """Base of the tasks: network, optimizer wiring, speed switches (module docstring).
 
+    Class attributes
+    ----------------
+    monitor : str
+        The logged metric that says which epoch is best (checkpoint, early stopping);
+        ``{monitor}_best`` is logged too when a subclass tracks it.
+    mode : {'min', 'max'}
+        Whether a smaller or a larger ``monitor`` is better.
+
     Subclasses call ``super().__init__(net, optimizer, scheduler, default_optimizer)``
     first thing in their ``__init__``; every argument of the subclass's ``__init__``
     except ``net``, ``optimizer`` and ``scheduler`` becomes a hyperparameter (saved in
@@ -198,6 +216,9 @@ class NetTask(LightningModule):
     default_optimizer : callable
         Used when ``optimizer`` is None.
     """
+
+    monitor: str = "val/loss"
+    mode: str = "min"
 
     def __init__(
         self,
@@ -304,3 +325,32 @@ class NetTask(LightningModule):
                     self._panel.get("snr"), title=f"epoch {self.current_epoch}",
                 )
                 logger.experiment.add_figure("val/panels", fig, global_step=self.current_epoch)
+
+
+def build_task(model: str, **overrides: Any) -> NetTask:
+    """The task of ``conf/model/<model>.yaml`` (Hydra-instantiated), with key overrides.
+
+    Parameters
+    ----------
+    model : str
+        Name of a model config (``attn5``, ``dense``).
+    **overrides
+        Top-level keys of that config to replace (``compile=True``...); ``n_panels`` is
+        0 unless given (no figures outside a training run).
+
+    Returns
+    -------
+    NetTask
+        The untrained task, on the CPU.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "model" / f"{model}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ValueError(f"no model config {model!r}; choose one of {names}")
+    cfg = OmegaConf.load(path)
+    for key, value in {"n_panels": 0, **overrides}.items():
+        cfg[key] = value
+    return instantiate(cfg)

@@ -17,9 +17,9 @@ with the same output dict) on tiles holding zero, one or several transients:
   ``val/f1_best`` and ``val/within2px_best`` are the best values so far.
 
 ``{stage}/within2px`` (the fraction of true changes detected within 2 px) has the meaning
-and the name of the localisation task's metric, so the default callbacks and
-``optimized_metric`` work with ``model=dense`` alone; ``experiment=dense`` monitors
-``val/f1`` instead (recall alone would reward false positives).
+and the name of the localisation task's metric. The task's :attr:`DetectionTask.monitor`
+is ``val/f1`` (recall alone would reward false positives): the default callbacks and
+``optimized_metric`` follow it.
 
 If a batch says a tile was ``"reversed"`` (the paper's swap that puts the brighter image
 second) the two channels are swapped back, so channel 0 is always the reference epoch
@@ -45,13 +45,14 @@ from rtcnn.models.detector import (
     detector_loss,
     encode_targets,
 )
-from rtcnn.tasks.base import NetTask
-from rtcnn.tasks.localization import DEFAULT_PANELS
+from rtcnn.tasks.base import DEFAULT_PANELS, STAGES, NetTask
+
+__all__ = ["DEFAULT_LR", "DEFAULT_THRESHOLD", "DEFAULT_WEIGHT_DECAY", "DetectionTask",
+           "true_brightened", "unreverse"]
 
 DEFAULT_LR = 2e-3  # AdamW learning rate
 DEFAULT_WEIGHT_DECAY = 1e-4  # AdamW weight decay
 DEFAULT_THRESHOLD = 0.5  # score threshold of the precision / recall metrics
-STAGES = ("train", "val", "test")
 
 
 def true_brightened(batch: Mapping[str, Any], image: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,9 @@ class DetectionTask(NetTask):
         The speed switches of :mod:`rtcnn.tasks.base` (``gpu_augment="auto"``: D4 on the
         device when training on CUDA).
     """
+
+    monitor = "val/f1"  # recall alone would reward false positives
+    mode = "max"
 
     def __init__(
         self,

@@ -1,12 +1,14 @@
 """Lightning task for ``attn5``: regress the ``(x, y)`` of the transient in a tile.
 
-:class:`LocalizationTask` wraps any ``nn.Module`` mapping ``(B, C, 64, 64)`` tiles to
-``(B, 2)`` positions in tile units (position / tile size). It trains with the paper's
-loss, the MSE on those coordinates, and logs per stage and per epoch:
+:class:`LocalizationTask` wraps any ``nn.Module`` mapping ``(B, C, n, n)`` tiles to
+``(B, 2)`` positions in tile units (position / n, n the tile side of the data,
+``data.tile_size``, 64 px in the paper). It trains with the paper's loss, the MSE on those
+coordinates, and logs per stage and per epoch:
 
 * ``{stage}/loss`` (MSE in tile units squared);
 * the :class:`rtcnn.metrics.PixelDistance` statistics ``{stage}/within{1,2,5}px``,
-  ``{stage}/dist_{mean,std,max}`` (px) and ``{stage}/n_tiles``;
+  ``{stage}/dist_{mean,std,max}`` (px: tile units times the side ``n`` of the batch's
+  tiles) and ``{stage}/n_tiles``;
 * for val and test, the same statistics on tiles whose transient has difference-image
   S/N >= ``snr_threshold`` (batch key ``"snr"``), postfixed ``_snr{threshold}``, e.g.
   ``test/within2px_snr10``;
@@ -15,7 +17,7 @@ loss, the MSE on those coordinates, and logs per stage and per epoch:
 * each validation epoch, a TensorBoard figure ``val/panels``: reference / new /
   difference of a few tiles with the true (circle) and predicted (plus) positions.
 
-Batches follow the data contract (``rtcnn.data``): ``batch["image"]`` (B, 2, 64, 64)
+Batches follow the data contract (``rtcnn.data``): ``batch["image"]`` (B, 2, n, n)
 float32, ``batch["target"]`` (B, 2) float32 in tile units, optional ``batch["snr"]`` (B,).
 """
 
@@ -31,15 +33,12 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
 from rtcnn.metrics import DEFAULT_RADII, localization_metrics
-from rtcnn.tasks.base import NetTask, build_net, net_spec, panel_figure
+from rtcnn.tasks.base import DEFAULT_PANELS, STAGES, NetTask
 
 DEFAULT_LR = 1e-3  # Adam learning rate, constant (paper)
 DEFAULT_SNR_THRESHOLD = 10.0  # difference-image S/N of the "clearly visible" subset
-DEFAULT_PANELS = 4  # tiles drawn in the val/panels TensorBoard figure
-STAGES = ("train", "val", "test")
 
-# build_net, net_spec and panel_figure live in rtcnn.tasks.base; kept importable from here
-__all__ = ["LocalizationTask", "build_net", "net_spec", "panel_figure"]
+__all__ = ["DEFAULT_LR", "DEFAULT_SNR_THRESHOLD", "LocalizationTask"]
 
 
 class LocalizationTask(NetTask):
@@ -63,6 +62,9 @@ class LocalizationTask(NetTask):
         layout, D4 augmentation on the device (``"auto"``: on a CUDA device).
     """
 
+    monitor = "val/within2px"  # the paper's figure of merit
+    mode = "max"
+
     def __init__(
         self,
         net: nn.Module | Mapping[str, Any],
@@ -81,7 +83,7 @@ class LocalizationTask(NetTask):
                          functools.partial(torch.optim.Adam, lr=DEFAULT_LR))
         self.snr_threshold = snr_threshold
         self.n_panels = n_panels
-        base = localization_metrics(radii=radii)
+        base = localization_metrics(radii=radii, scale=1.0)  # updated in px (_step)
         postfix = f"_snr{self.snr_threshold:g}"
         # attributes {stage}_metrics and {stage}_snr_metrics (the S/N >= threshold subset)
         # and {stage}_loss: the epoch's mean loss. All are synchronised across DDP processes
@@ -105,13 +107,14 @@ class LocalizationTask(NetTask):
         pred = self(image)
         loss = F.mse_loss(pred, target)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=image.shape[0])
-        pred_d, target_d = pred.detach(), target.detach()
+        size = float(image.shape[-1])  # px per tile unit: the data's tile side
+        pred_d, target_d = pred.detach() * size, target.detach() * size
         getattr(self, f"{stage}_metrics").update(pred_d, target_d)
         snr = batch.get("snr")
         if hasattr(self, f"{stage}_snr_metrics") and snr is not None:
             keep = torch.as_tensor(snr, device=pred_d.device) >= self.snr_threshold
             getattr(self, f"{stage}_snr_metrics").update(pred_d[keep], target_d[keep])
-        return loss, pred_d
+        return loss, pred.detach()
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch, "train")
