@@ -93,7 +93,7 @@ from rtcnn.difference import background_sigma
 __all__ = [
     "ALERT_COLUMNS", "DEFAULT_CUTOUT_SIZE", "Stamps", "alert_records", "alert_schema",
     "check_alert_dir", "check_columns", "cutout_stamps", "midpoint_mjd_tai", "read_alerts",
-    "source_ids", "stamp_variance", "visit_id", "write_alerts", "write_cutouts",
+    "source_ids", "stamp_variance", "visit_id", "write_alerts", "write_cutouts", "write_products",
 ]
 
 log = logging.getLogger(__name__)
@@ -580,6 +580,33 @@ def write_alerts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZE
                          writer.file_bytes(st, _candidate_cards(table, i, record["diaSourceId"])))
     table.meta["alert_schema"] = schema.definition["name"]
     return paths
+
+
+def write_products(table: Table, ref, new, *, alerts=None, cutouts=None,
+                   size: int = DEFAULT_CUTOUT_SIZE, overwrite: bool = False,
+                   catalog=None) -> None:
+    """The per-pair products of ``rtcnn.detect --alerts DIR --cutouts N``, in one pass.
+
+    Writes the packets (:func:`write_alerts`) and/or the cutout files
+    (:func:`write_cutouts`), adds the ``id`` column, sets ``edge`` where a stamp is padded,
+    and records in ``table.meta``: ``alerts`` and ``cutouts`` (directories; ``cutouts``
+    relative to the directory of ``catalog`` when given, as :mod:`rtcnn.vet` reads it),
+    ``alert_schema`` and ``seconds_products`` (s). Call it before the catalog is written.
+    """
+    if alerts is None and cutouts is None:
+        return
+    t0 = time.perf_counter()
+    if alerts is not None:
+        write_alerts(table, ref, new, alerts, size, overwrite, cutout_dir=cutouts)
+        table.meta["alerts"] = os.fspath(alerts)
+    else:
+        write_cutouts(table, ref, new, cutouts, size, overwrite)
+    if cutouts is not None:
+        base = Path(catalog).parent if catalog is not None else None
+        table.meta["cutouts"] = (os.path.relpath(cutouts, base) if base is not None
+                                 else os.fspath(cutouts))  # fmt: skip
+        table.meta["cutout_size"] = int(size)
+    table.meta["seconds_products"] = round(time.perf_counter() - t0, 3)
 
 
 def read_alerts(path) -> list[dict]:

@@ -225,3 +225,40 @@ def test_bad_inputs(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"rtcnn: error: {cat}: catalog lacks column(s)")
     assert not Path(tmp_path / "c").exists()
+
+
+def test_detect_writes_alerts_and_cutouts(small_pairs, tiny_detector_ckpt, tmp_path, capsys):
+    """rtcnn.detect --alerts --cutouts on a simulated pair: one valid packet and one cutout
+    file per catalog row, the catalog measured and pointing at its cutouts; a rerun without
+    --overwrite is refused before any work, with --overwrite it gives the same IDs."""
+    from rtcnn.detect import main as detect_main
+
+    pair = small_pairs / "pair_0000"
+    cat = tmp_path / "cat.ecsv"
+    argv = [str(pair / "ref.fits"), str(pair / "new.fits"), "--ckpt", str(tiny_detector_ckpt),
+            "-o", str(cat), "--threshold", "0.0", "--alerts", str(tmp_path / "alerts"),
+            "--cutouts", "31", "--no-progress"]  # fmt: skip
+    assert detect_main(argv) == 0
+    table = Table.read(cat)
+    assert len(table) > 0
+    for name in ("psf_flux", "ap_flux_err", "snr", "ra_err", "flags", "reliability", "id"):
+        assert name in table.colnames
+    packets = sorted((tmp_path / "alerts").glob("*.avro"))
+    assert {p.stem for p in packets} == {str(i) for i in table["id"]}
+    schema = alert_schema()
+    for p in packets:
+        (rec,) = read_alerts(p)
+        assert schema.validate(rec)
+    assert table.meta["cutouts"] == "cat_cutouts"
+    assert len(list((tmp_path / "cat_cutouts").glob("*.fits"))) == len(table)
+    capsys.readouterr()
+    other = [a if a != str(cat) else str(tmp_path / "other.ecsv") for a in argv]
+    with pytest.raises(SystemExit) as exc:  # a fresh catalog, but the --alerts dir exists
+        detect_main(other)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"rtcnn: error: {tmp_path / 'alerts'}: already exists; pass --overwrite to replace "
+        "its contents")
+    assert not (tmp_path / "other.ecsv").exists()
+    assert detect_main([*argv, "--overwrite"]) == 0
+    np.testing.assert_array_equal(Table.read(cat)["id"], table["id"])
