@@ -76,9 +76,11 @@ def break_cube(d):
 
 
 def break_shape(d):
+    """The new image 10 rows shorter, without a WCS (with both WCSs it is resampled)."""
     with fits.open(d / NEW) as hdul:
         data, header = hdul[0].data[:-10].copy(), hdul[0].header.copy()
     _write_new(d, [fits.PrimaryHDU(data, header)])
+    _strip_wcs(d / NEW)
 
 
 def break_no_wcs(d):
