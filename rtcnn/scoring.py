@@ -118,10 +118,10 @@ def photometric_dmag(truth: Table, ref_path, new_path, truth_path=None) -> np.nd
     (M,) float64 or None
         None when no zero point can be had and one is needed, or the truth is empty.
     """
-    from rtcnn.io import read_pair
+    from rtcnn.align import read_aligned_pair
     from rtcnn.truth import truth_dmag
 
-    ref, new = read_pair(ref_path, new_path)
+    ref, new, _ = read_aligned_pair(ref_path, new_path)  # reference on the new grid
     return truth_dmag(truth, ref, new, truth_path)
 
 
