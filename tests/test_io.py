@@ -547,3 +547,17 @@ def test_constant_image_is_read_with_a_warning(tmp_path, caplog):
     assert img.hdu == 1
     assert any(r.levelno == logging.WARNING and f"{path}: the image (HDU 1:DQ) is constant "
                "(every pixel 0)" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_pixel_to_sky_takes_an_image_or_a_wcs(image_file):
+    """One pixel <-> sky pair of functions: an Image or a WCS, 0-based, RA in [0, 360)."""
+    img = read_image(image_file)
+    x, y = np.array([0.0, CRPIX[0] - 1, NX - 1.0]), np.array([0.0, CRPIX[1] - 1, NY - 1.0])
+    ra, dec = pixel_to_sky(img.wcs, x, y)
+    assert_allclose(np.array(pixel_to_sky(img, x, y)), np.array([ra, dec]), rtol=0, atol=0)
+    assert_allclose([ra[1], dec[1]], CRVAL, atol=1e-12)  # CRPIX - 1 is the reference pixel
+    assert np.all((ra >= 0) & (ra < 360))
+    assert_allclose(np.array(sky_to_pixel(img.wcs, ra, dec)), np.array([x, y]), atol=1e-8)
+    assert [a.shape for a in pixel_to_sky(img.wcs, [], [])] == [(0,), (0,)]
+    with pytest.raises(RtcnnInputError, match=r"^new.fits: no celestial WCS in the header"):
+        pixel_to_sky(None, x, y, path="new.fits")
