@@ -269,6 +269,9 @@ def match_levels(det_xy: np.ndarray, truth_xy: np.ndarray, score: np.ndarray, ra
 
 def _hungarian(di, ti, dist) -> tuple[np.ndarray, np.ndarray]:
     """Most matches, then the smallest summed distance, among candidate edges."""
+    if (di == di[0]).all() or (ti == ti[0]).all():  # a star: one match, the closest edge
+        best = np.argmin(dist)
+        return di[best:best + 1], ti[best:best + 1]
     ud, d_inv = np.unique(di, return_inverse=True)
     ut, t_inv = np.unique(ti, return_inverse=True)
     big = 1e6 + dist.max()  # "no edge": never preferred to a real edge
