@@ -4,7 +4,8 @@ Runs the dense detector (``model=dense``, :mod:`rtcnn.inference`) on a reference
 pair and writes the candidate catalog (:mod:`rtcnn.catalog`: ``x``, ``y`` 0-based px,
 ``ra``, ``dec`` deg from the new image's WCS, ``dmag`` mag, ``brightened``, ``score``,
 with the inputs, the model and the threshold in the metadata), and on request a DS9
-region file.
+region file. ``--cutouts [N]`` and ``--alerts DIR`` also write cutouts and LSST Avro alert
+packets (:mod:`rtcnn.alerts`; an existing directory needs ``--overwrite``).
 
 Also ``python -m rtcnn.detect DIR_OR_GLOB --ckpt CKPT -o OUTDIR``: every pair found
 (:func:`rtcnn.io.find_pairs`) gives ``OUTDIR/<pair name>.ecsv`` (and ``.reg`` with
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rtcnn.alerts import DEFAULT_CUTOUT_SIZE, check_alert_dir
 from rtcnn.cli import (
     add_pair_arguments,
     check_outputs,
@@ -85,12 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--cutouts", type=int, nargs="?", const=DEFAULT_CUTOUT_SIZE, default=None,
+                   metavar="N", help="write N px ref/new/diff cutouts with WCS and variance "
+                   "per candidate (default N = 63) to <catalog>_cutouts/ (rtcnn.alerts)")
+    p.add_argument("--alerts", default=None, metavar="DIR",
+                   help="write one LSST Avro alert packet per candidate to DIR (several "
+                   "pairs: DIR/<pair name>/)")  # fmt: skip
     return p
+
+
+def pair_outputs(args: argparse.Namespace, job) -> PairOutputs:
+    """Where a job's catalog, regions, alerts and cutouts go."""
+    alerts = None
+    if args.alerts is not None:
+        alerts = Path(args.alerts) if len(args.inputs) == 2 else Path(args.alerts) / job.name
+    cutouts = (job.catalog.with_name(job.catalog.stem + "_cutouts")
+               if args.cutouts is not None else None)  # fmt: skip
+    return PairOutputs(job.catalog, job.regions, alerts=alerts, cutouts=cutouts,
+                       cutout_size=args.cutouts or DEFAULT_CUTOUT_SIZE)
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         raise RtcnnInputError(None, f"--threads must be >= 1, got {args.threads}")
+    if args.cutouts is not None and args.cutouts < 3:
+        raise RtcnnInputError(None, f"--cutouts must be >= 3 px, got {args.cutouts}")
 
 
 def pair_options(args: argparse.Namespace) -> PairOptions:
@@ -111,6 +132,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     device = resolve_device(args.device)
     jobs = pair_jobs(args.inputs, args.output, args.regions)
     check_outputs(jobs, args.overwrite, make_dirs=False)
+    for job in jobs:  # an existing --alerts / cutout directory is refused before any work
+        out = pair_outputs(args, job)
+        for d in (out.alerts, out.cutouts):
+            if d is not None:
+                check_alert_dir(d, args.overwrite)
     model = load_model(args.ckpt, device)
     make_output_dirs(jobs)  # only now: a bad checkpoint leaves no empty output tree
     dense = args.mode == "dense" or (args.mode == "auto" and model.device.type == "cuda")
@@ -127,7 +153,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                 with tqdm(desc=job.name, unit="tile" if dense else "stamp", disable=not show,
                           leave=len(jobs) == 1) as bar:
                     result = process_pair(job.ref, job.new, model, options,
-                                          PairOutputs(job.catalog, job.regions), name=job.name,
+                                          pair_outputs(args, job), name=job.name,
                                           images=loaded.result(), progress=bar)  # fmt: skip
             except RtcnnInputError as err:  # one unusable pair of many: skip it, name it
                 outputs = [str(p) for p in (job.catalog, job.regions) if p is not None]

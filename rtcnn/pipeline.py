@@ -28,6 +28,7 @@ import torch
 from astropy.table import Table
 
 from rtcnn import checkpoint
+from rtcnn.alerts import write_products
 from rtcnn.catalog import catalog_from_sources, write_catalog, write_ds9_regions
 from rtcnn.difference import (
     NOISE_SUBSAMPLE,
@@ -37,6 +38,7 @@ from rtcnn.difference import (
     robust_sigma,
 )
 from rtcnn.errors import RtcnnInputError
+from rtcnn.fluxes import add_measurements
 from rtcnn.inference import (
     DEFAULT_BATCH,
     MODES,
@@ -127,6 +129,9 @@ class PairOutputs:
 
     catalog: Path
     regions: Path | None = None
+    alerts: Path | None = None  # directory of Avro packets (rtcnn.alerts)
+    cutouts: Path | None = None  # directory of cutout FITS files
+    cutout_size: int = 63  # px
 
     def paths(self) -> list[Path]:
         """The output files, catalog first (the order of :attr:`PairResult.checksum`)."""
@@ -344,7 +349,11 @@ def detect_pair(
     info["dmag"] = ("|m_ref - m_new| (mag), aperture photometry, rtcnn.photometry.magdiff"
                     if photometry else "network dmag head")  # fmt: skip
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    return catalog_from_sources(sources, wcs, {**info, **(meta or {})})
+    table = catalog_from_sources(sources, wcs, {**info, **(meta or {})})
+    add_measurements(table, d.ref, d.new, wcs=wcs, zeropoint=d.zeropoint,  # issue 17 (fluxes)
+                     band=new.band or ref.band, sigma_diff=sigma_bkg, exptime=d.exptime,
+                     mask=d.mask, header=new.header, ref_header=ref.header)  # fmt: skip
+    return table
 
 
 def load_pair(ref: str | os.PathLike, new: str | os.PathLike):
@@ -374,8 +383,14 @@ def files_checksum(paths: Iterable[str | os.PathLike]) -> str:
     return h.hexdigest()
 
 
-def write_outputs(table, outputs: PairOutputs, overwrite: bool = False) -> tuple[Path, ...]:
-    """Write a pair's catalog and its optional products, each atomically; returns the paths."""
+def write_outputs(table, outputs: PairOutputs, overwrite: bool = False,
+                  images=None) -> tuple[Path, ...]:
+    """Write a pair's catalog and its optional products, each atomically; returns the paths
+    (catalog, regions; the alert and cutout directories are in the catalog's metadata).
+    ``images`` = ``(ref, new)`` is needed for alerts and cutouts."""
+    if outputs.alerts is not None or outputs.cutouts is not None:  # first: they add id, flags
+        write_products(table, *images, alerts=outputs.alerts, cutouts=outputs.cutouts,
+                       size=outputs.cutout_size, overwrite=overwrite, catalog=outputs.catalog)
     written = [write_catalog(table, outputs.catalog, overwrite=overwrite)]
     if outputs.regions is not None:
         written.append(write_ds9_regions(table, outputs.regions, overwrite=overwrite))
@@ -433,7 +448,7 @@ def process_pair(
                           dmag=options.dmag, tta=options.tta, progress=progress,
                           meta=meta)  # fmt: skip
     table.meta["ref"], table.meta["new"] = os.fspath(ref), os.fspath(new)
-    files = write_outputs(table, outputs, overwrite=options.overwrite)
+    files = write_outputs(table, outputs, overwrite=options.overwrite, images=(ref_img, new_img))
     seconds = time.perf_counter() - t0
     log.info("%s: %d candidates -> %s (%.2f s)", name, len(table), outputs.catalog,
              table.meta["seconds"])

@@ -80,7 +80,9 @@ def test_detect_writes_a_catalog_and_refuses_to_overwrite(pairs, ckpt, tmp_path,
             "--no-progress"]  # fmt: skip
     assert main(args) == 0
     table = Table.read(out, format="ascii.ecsv")
-    assert tuple(table.colnames) == CATALOG_COLUMNS
+    from rtcnn.fluxes import MEASURED_COLUMNS  # issue 17: the measured source columns follow
+
+    assert tuple(table.colnames) == CATALOG_COLUMNS + tuple(MEASURED_COLUMNS)
     assert len(table) > 0
     assert str(table["x"].unit) == "pix" and str(table["ra"].unit) == "deg"
     assert table.meta["ref"] == ref and table.meta["new"] == new
