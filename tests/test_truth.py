@@ -157,3 +157,27 @@ def test_zero_point_fallbacks(pair, caplog):
     with caplog.at_level(logging.WARNING, logger="rtcnn.truth"):
         assert truth_dmag(t, ref, new, lone / "truth.ecsv") is None
     assert "truth dmag from the catalog magnitudes" in caplog.text
+
+
+def test_a_truth_with_strings_is_skipped_by_the_index(pair, tmp_path):
+    """A pair whose truth has a non-numeric position column is one input error naming the
+    column, and the training index leaves that pair out (listed) instead of aborting."""
+    from rtcnn.data.index import IndexConfig, build_index
+    from rtcnn.io import find_pairs
+
+    for name, bad in (("good", False), ("bad", True)):
+        d = tmp_path / name
+        d.mkdir()
+        for role in ("ref", "new"):
+            fits.PrimaryHDU(pair[role].astype(np.float32),
+                            fits.Header([("MAGZP", ZP)])).writeto(d / f"{role}.fits")
+        t = pair["truth"].copy()
+        if bad:
+            t["x"] = [f"{v:.1f}px" for v in t["x"]]
+        t.write(d / "truth.ecsv", format="ascii.ecsv")
+    with pytest.raises(RtcnnInputError, match=r"bad/truth.ecsv: column 'x' is not numeric"):
+        truth_changes(image(pair["ref"]), image(pair["new"]), tmp_path / "bad" / "truth.ecsv")
+    idx = build_index(find_pairs(tmp_path), IndexConfig(tile_size=64, tile_overlap=0),
+                      progress=False)
+    assert idx.n_pairs == 1 and [b.name for b in idx.broken] == ["bad"]
+    assert "column 'x' is not numeric" in str(idx.broken[0])
