@@ -44,6 +44,7 @@ from rtcnn import checkpoint
 from rtcnn.catalog import atomic_write
 from rtcnn.errors import RtcnnInputError, cli_main
 from rtcnn.tasks import LocalizationTask
+from rtcnn.tasks.classification import ClassificationTask
 from rtcnn.utils import log_unusable_pairs, run_hydra_main
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def load_module(model_cfg: DictConfig, ckpt_path: str | Path, device: str = "cpu
         cls = hydra.utils.get_class(target)
     except Exception:  # noqa: BLE001 - hydra raises plain Exception / ImportError variants
         raise RtcnnInputError("model._target_", f"cannot import {target!r}") from None
-    if not (isinstance(cls, type) and issubclass(cls, LocalizationTask)):
+    if not (isinstance(cls, type) and issubclass(cls, (LocalizationTask, ClassificationTask))):
         raise RtcnnInputError(
             ckpt_path, f"was trained as {target}; rtcnn.evaluate reports localisation models "
             "(LocalizationTask, e.g. model=attn5); score detectors with rtcnn.detect / rtcnn.score")
@@ -311,6 +312,17 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()
     meta = {"checkpoint": str(ckpt.resolve()), "run_dir": str(run_dir_of(ckpt)),
             "data": OmegaConf.to_container(data_cfg, resolve=True),
             "model": str(model_cfg._target_)}
+    if isinstance(module, ClassificationTask):  # star/galaxy stamps: rtcnn.report_stargal
+        from rtcnn import report_stargal
+
+        result = report_stargal.write_classification_report(
+            module, datamodule, out_dir, splits=list(cfg.splits), device=device, meta=meta,
+            max_stamps=cfg.max_tiles,
+            n_worst=int(OmegaConf.select(cfg, "n_worst", default=report_stargal.N_WORST)))
+        for line in report_stargal.metric_lines(result):
+            log.info(line)
+        log.info("report written to %s", out_dir)
+        return result
     result = write_report(module, datamodule, out_dir, splits=list(cfg.splits),
                           views=list(cfg.views), device=device, meta=meta,
                           max_tiles=cfg.max_tiles, n_extremes=cfg.n_extremes)
