@@ -446,3 +446,25 @@ def test_missing_checkpoint_leaves_no_output_tree(good, tmp_path, capsys):
     assert run_cli(main, [good.parent, "--ckpt", missing, "-o", outdir, "--no-progress"]) == 2
     assert str(missing) in error_line(capsys)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow  # 13 s of two process starts; the mechanism is tested above in-process
+def test_two_baseline_processes_one_output(good, tmp_path):
+    """End to end: two processes writing one ``-o`` at once; exactly one exits 0, the other
+    gets one line and exit 2, and the catalog is whole (whatever their timing)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "c.ecsv"
+    cmd = [sys.executable, "-m", "rtcnn.baseline", str(good / REF), str(good / NEW), "-o",
+           str(out)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    err = next(e for code, e in results if code == 2)
+    assert [ln for ln in err.splitlines() if ln.startswith("rtcnn: error:")] == [
+        f"rtcnn: error: {out}: already exists; pass --overwrite to replace it"]
+    assert len(Table.read(out, format="ascii.ecsv")) > 0 and no_temp_files(tmp_path)
