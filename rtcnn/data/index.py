@@ -49,6 +49,10 @@ from rtcnn.truth import truth_changes
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CHANGE_COLUMNS", "INDEX_DIRNAME", "INDEX_VERSION", "MAX_PAIR_WARNINGS", "SAMPLE_KINDS",
+           "BrokenPair", "IndexConfig", "SampleIndex", "build_index", "default_cache_dir",
+           "index_key", "load_or_build_index", "robust_background", "warn_empty_pairs"]
+
 INDEX_VERSION = 3  # bump when the index layout or its computation changes
 INDEX_DIRNAME = ".rtcnn-index"  # cache folder created next to the data
 STATS_SAMPLES = 256  # rows/columns sampled per axis for the robust background/noise

@@ -19,6 +19,8 @@ from rtcnn.data.datamodule import FitsDataModule
 
 log = logging.getLogger(__name__)
 
+__all__ = ["OpenUniverseDataModule"]
+
 
 class OpenUniverseDataModule(FitsDataModule):
     """Pairs found in an OpenUniverse 2024 ``RomanTDS`` directory.

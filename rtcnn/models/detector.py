@@ -31,6 +31,10 @@ from torch import nn
 
 from rtcnn.stats import MAD_TO_SIGMA, MIN_SIGMA
 
+__all__ = ["ASINH_SCALE", "DEFAULT_CHANNELS", "DEFAULT_STRIDE", "DEFAULT_THRESHOLD", "HEAT_SIGMA",
+           "REGRESS_RADIUS", "DenseDetector", "cell_centers", "decode", "detector_loss",
+           "encode_targets", "focal_loss", "fuse_batchnorm", "normalize_pair", "robust_sigma"]
+
 DEFAULT_STRIDE = 4  # px per output cell
 DEFAULT_CHANNELS = (16, 24, 32)  # feature channels at strides 1, 2 and 4
 ASINH_SCALE = 3.0  # noise sigmas: inputs are linear within about +-3 sigma, log beyond
