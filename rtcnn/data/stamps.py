@@ -73,6 +73,7 @@ from rtcnn.data.dataset import (
 )
 from rtcnn.data.index import BrokenPair, robust_background
 from rtcnn.errors import RtcnnInputError
+from rtcnn.io.pairdir import SOURCES_NAME
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ STAMP_SIZE = 32  # px, stamp side
 CLASSES = ("star", "galaxy")  # label 0, 1
 #: catalog kinds / classes -> label; other kinds (transient, ...) are not static: left out
 CLASS_OF_KIND = {"star": 0, "variable": 0, "point": 0, "galaxy": 1, "extended": 1}
-CATALOG_NAME = "sources.ecsv"  # written by rtcnn.sim and the OpenUniverse pair writer
+CATALOG_NAME = SOURCES_NAME  # written by rtcnn.sim and the OpenUniverse pair writer
 MAG_COLUMNS = ("mag_ref", "mag")  # AB magnitude of a static source, first present wins
 SOURCES = ("sim", "fits", "openuniverse")
 CHANNELS = {"ref": (0,), "pair": (0, 1)}
