@@ -6,6 +6,8 @@
   normalisation, the paper's reversal, seeded D4 augmentation) and :func:`collate_tiles`.
 * :mod:`rtcnn.data.datamodule` — :class:`SimDataModule` (``data=sim``) and
   :class:`FitsDataModule` (``data=fits``), both :class:`PairDataModule`.
+* :mod:`rtcnn.data.stamps` — :class:`StampDataModule` (``data=stamps``): star/galaxy
+  stamps of catalogued static sources, for the classifier.
 """
 
 from rtcnn.data.datamodule import FitsDataModule, PairDataModule, SimDataModule, split_pairs
@@ -17,6 +19,7 @@ from rtcnn.data.dataset import (
     normalize_tiles,
 )
 from rtcnn.data.index import IndexConfig, SampleIndex, build_index, load_or_build_index
+from rtcnn.data.stamps import StampDataModule
 
 BATCH_KEYS = ("image", "target", "xy", "dmag", "dflux", "valid", "reversed", "pair", "origin",
               "dmag_sel", "edge_dist", "mag", "snr")
@@ -29,6 +32,7 @@ __all__ = [
     "PairDataModule",
     "SampleIndex",
     "SimDataModule",
+    "StampDataModule",
     "TileDataset",
     "build_index",
     "collate_tiles",
