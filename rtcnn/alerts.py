@@ -89,6 +89,7 @@ from rtcnn import __version__
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.fluxes import FLAG_BITS, MEASURED_COLUMNS, PSF_HALF, header_sca
 from rtcnn.difference import background_sigma
+from rtcnn.io.pairdir import atomic_write
 
 __all__ = [
     "ALERT_COLUMNS", "DEFAULT_CUTOUT_SIZE", "Stamps", "alert_records", "alert_schema",
@@ -422,10 +423,8 @@ def _ensure_ids(table: Table, header: Mapping) -> np.ndarray:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` atomically (many small files: no fsync)."""
+    atomic_write(path, True, lambda tmp: Path(tmp).write_bytes(data), fsync=False)
 
 
 def write_cutouts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZE,
