@@ -41,6 +41,7 @@ from torch import nn
 
 from rtcnn import __version__
 from rtcnn.errors import RtcnnInputError
+from rtcnn.io.pairdir import atomic_write
 
 __all__ = [
     "BUNDLE_CARD",
@@ -401,14 +402,8 @@ def export_bundle(ckpt: str | os.PathLike, outdir: str | os.PathLike,
         raise RtcnnInputError(None, f"model card is not plain JSON ({err})") from None
     outdir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.net.state_dict().items()}
-    tmp_w, tmp_c = outdir / f".{BUNDLE_WEIGHTS}.tmp", outdir / f".{BUNDLE_CARD}.tmp"
-    try:
-        save_file(state, tmp_w, metadata={"format": BUNDLE_FORMAT})
-        tmp_c.write_text(text + "\n")
-        os.replace(tmp_w, outdir / BUNDLE_WEIGHTS)
-        os.replace(tmp_c, outdir / BUNDLE_CARD)
-    finally:
-        for t in (tmp_w, tmp_c):
-            if t.exists():
-                t.unlink()
+    # each file atomically (io.pairdir); the card last: it marks a complete bundle
+    atomic_write(outdir / BUNDLE_WEIGHTS, overwrite,
+                 lambda tmp: save_file(state, tmp, metadata={"format": BUNDLE_FORMAT}))
+    atomic_write(outdir / BUNDLE_CARD, overwrite, lambda tmp: Path(tmp).write_text(text + "\n"))
     return outdir
