@@ -179,3 +179,12 @@ def test_report_files_and_shap(trained, tmp_path, monkeypatch):
     result = write_classification_report(model, dm, tmp_path / "s", n_worst=2)
     assert "shap package is not installed" in result["shap"]
     assert (tmp_path / "s" / "roc.png").is_file() and not (tmp_path / "s" / "worst").exists()
+
+
+def test_channel_mismatch_is_one_line_error(stamp_sim, tmp_path):
+    from rtcnn.train import train
+
+    cfg = compose_train([*_overrides(stamp_sim, tmp_path), "data.channels=pair"],
+                        tmp_path / "run")
+    with pytest.raises(RtcnnInputError, match="in_channels=2"):
+        train(cfg)

@@ -33,6 +33,7 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
+from rtcnn.errors import RtcnnInputError
 from rtcnn.tasks.base import NetTask
 
 DEFAULT_LR = 1e-3  # Adam
@@ -103,6 +104,17 @@ class ClassificationTask(NetTask):
                     base.clone(prefix=f"{stage}/", postfix="_bright"))
         self.val_auroc_best = MaxMetric()
         self.val_auroc_best.persistent(True)
+
+    def setup(self, stage: str) -> None:
+        """Check that the network takes the data's channels (one line, not a traceback)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        want = getattr(dm, "n_channels", None)
+        have = getattr(self.net, "config", {}).get("in_channels")
+        if want is not None and have is not None and want != have:
+            raise RtcnnInputError(
+                "model.net.in_channels", f"is {have} but data.channels="
+                f"{dm.hparams.channels!r} gives {want} channel(s); set model.net.in_channels={want}")
+        super().setup(stage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, n, n)`` stamps -> ``(B,)`` galaxy logits."""
