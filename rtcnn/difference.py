@@ -187,8 +187,10 @@ def robust_sigma(values: np.ndarray, mask: np.ndarray | None = None,
         Without ``floor``: fewer than :data:`MIN_NOISE_PIXELS` usable values, or zero noise.
     """
     v = np.asarray(values)
+    if v.dtype.kind != "f":
+        v = v.astype(np.float64)
     good = np.isfinite(v) if mask is None else (~np.asarray(mask, bool) & np.isfinite(v))
-    v = v[good].astype(np.float64)
+    v = v[good]  # computed in the values' own precision (float32 images: float32 medians)
     if floor is not None:
         if v.size == 0:
             return float(floor)
@@ -208,7 +210,8 @@ def background_sigma(diff: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Per-pixel background noise of a difference image (e-/s): :func:`robust_sigma` of
     every k-th pixel (at most :data:`NOISE_SAMPLE` of them), masked pixels left out."""
     step = max(1, diff.size // NOISE_SAMPLE)
-    return robust_sigma(diff.ravel()[::step], None if mask is None else mask.ravel()[::step])
+    sample = diff.ravel()[::step].astype(np.float64)  # at most NOISE_SAMPLE values: float64
+    return robust_sigma(sample, None if mask is None else mask.ravel()[::step])
 
 
 def image_sigma(ref: np.ndarray, new: np.ndarray, step: int = NOISE_SUBSAMPLE) -> float:
