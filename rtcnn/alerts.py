@@ -60,7 +60,7 @@ trail, dipole, shape, forced science/template photometry or scheduler informatio
 ``diaObjectId``, ``prvDiaSources``, ``diaObject``, ``trail*``, ``dipole*``, ``ixx``...), and
 the required ints rtcnn does not measure are 0 (``trailNdata``, ``dipoleNdata``).
 
-Run from a catalog: ``python -m rtcnn.alerts CATALOG -o DIR [--cutouts N] [--overwrite]``
+Run from a catalog: ``python -m rtcnn.alerts CATALOG -o DIR [--cutouts N] [--overwrite]`` (cutouts in ``DIR_cutouts``)
 (the pair is the catalog's ``ref``/``new`` metadata unless ``--ref``/``--new`` are given);
 ``rtcnn.detect --alerts DIR --cutouts N`` does it during detection.
 """
@@ -68,11 +68,13 @@ Run from a catalog: ``python -m rtcnn.alerts CATALOG -o DIR [--cutouts N] [--ove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -427,6 +429,31 @@ def _write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, True, lambda tmp: Path(tmp).write_bytes(data), fsync=False)
 
 
+@contextlib.contextmanager
+def _staged_dir(path, overwrite: bool):
+    """Write a directory all-or-nothing: yields a fresh temporary sibling, which replaces
+    ``path`` (and everything in it) only when the block succeeds; on failure it is removed
+    and ``path`` is untouched. An existing ``path`` needs ``overwrite``."""
+    final = check_alert_dir(path, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # --overwrite: no stale files of an earlier run stay behind
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def write_cutouts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZE,
                   overwrite: bool = False, on_stamp=None) -> list[Path]:
     """Write ``<outdir>/<id>.fits`` per candidate (see the module docstring).
@@ -440,20 +467,18 @@ def write_cutouts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZ
     list of pathlib.Path, in table order.
     """
     check_columns(table, needed=("x", "y", "ra", "dec"))
-    out = check_alert_dir(outdir, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     ids = _ensure_ids(table, new.header)
     writer = StampWriter(new.require_wcs("write cutouts with a WCS"), size)
-    paths = []
-    for i, st in enumerate(cutout_stamps(ref, new, table["x"], table["y"], size)):
-        path = out / f"{ids[i]}.fits"
-        _write_bytes(path, writer.file_bytes(st, _candidate_cards(table, i, ids[i])))
-        if on_stamp is not None:
-            on_stamp(i, st)
-        if st.padded and "flags" in table.colnames:
-            table["flags"][i] |= FLAG_BITS["edge"]
-        paths.append(path)
-    return paths
+    names = []
+    with _staged_dir(outdir, overwrite) as out:
+        for i, st in enumerate(cutout_stamps(ref, new, table["x"], table["y"], size)):
+            names.append(f"{ids[i]}.fits")
+            _write_bytes(out / names[-1], writer.file_bytes(st, _candidate_cards(table, i, ids[i])))
+            if on_stamp is not None:
+                on_stamp(i, st)
+            if st.padded and "flags" in table.colnames:
+                table["flags"][i] |= FLAG_BITS["edge"]
+    return [Path(outdir) / n for n in names]
 
 
 # --------------------------------------------------------------------------- packets
@@ -557,26 +582,28 @@ def write_alerts(table: Table, ref, new, outdir, size: int = DEFAULT_CUTOUT_SIZE
     list of pathlib.Path, the packets in table order.
     """
     check_columns(table)
-    out = check_alert_dir(outdir, overwrite)
-    cut = check_alert_dir(cutout_dir, overwrite) if cutout_dir is not None else None
-    out.mkdir(parents=True, exist_ok=True)
-    if cut is not None:
-        cut.mkdir(parents=True, exist_ok=True)
+    check_alert_dir(outdir, overwrite)
+    if cutout_dir is not None:
+        check_alert_dir(cutout_dir, overwrite)
     schema = alert_schema()
     writer = StampWriter(new.require_wcs("write cutouts with a WCS"), size)
-    paths = []
-    records = alert_records(table, ref, new, size, schema, processed_mjd, writer)
-    for i, (record, st) in enumerate(records):
-        buf = io.BytesIO()
-        schema.store_alerts(buf, [record])
-        path = out / f"{record['diaSourceId']}.avro"
-        _write_bytes(path, buf.getvalue())
-        paths.append(path)
-        if st.padded:
-            table["flags"][i] |= FLAG_BITS["edge"]
-        if cut is not None:
-            _write_bytes(cut / f"{record['diaSourceId']}.fits",
-                         writer.file_bytes(st, _candidate_cards(table, i, record["diaSourceId"])))
+    names = []
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(_staged_dir(outdir, overwrite))
+        cut = (stack.enter_context(_staged_dir(cutout_dir, overwrite))
+               if cutout_dir is not None else None)  # fmt: skip
+        records = alert_records(table, ref, new, size, schema, processed_mjd, writer)
+        for i, (record, st) in enumerate(records):
+            buf = io.BytesIO()
+            schema.store_alerts(buf, [record])
+            names.append(f"{record['diaSourceId']}.avro")
+            _write_bytes(out / names[-1], buf.getvalue())
+            if st.padded:
+                table["flags"][i] |= FLAG_BITS["edge"]
+            if cut is not None:
+                _write_bytes(cut / f"{record['diaSourceId']}.fits",
+                             writer.file_bytes(st, _candidate_cards(table, i, record["diaSourceId"])))
+    paths = [Path(outdir) / n for n in names]
     table.meta["alert_schema"] = schema.definition["name"]
     return paths
 
@@ -628,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", help="new image (default: the catalog's 'new')")
     p.add_argument("--cutouts", type=int, nargs="?", const=DEFAULT_CUTOUT_SIZE, default=None,
                    metavar="N", help="also write N px cutout files (default N = 63) to "
-                   "OUTPUT/cutouts")  # fmt: skip
+                   "OUTPUT_cutouts/")  # fmt: skip
     p.add_argument("--size", type=int, default=DEFAULT_CUTOUT_SIZE,
                    help="cutout side in px inside the packets (default 63; --cutouts N sets "
                    "both)")
@@ -651,9 +678,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ref or not new:
         raise RtcnnInputError(args.catalog, "metadata names no ref/new images; give --ref/--new")
     check_alert_dir(args.output, args.overwrite)
+    if args.cutouts:
+        check_alert_dir(Path(args.output).with_name(Path(args.output).name + "_cutouts"),
+                        args.overwrite)
     ref_img, new_img = read_pair(ref, new)
     t0 = time.perf_counter()
-    cut = Path(args.output) / "cutouts" if args.cutouts else None
+    out = Path(args.output)
+    cut = out.with_name(out.name + "_cutouts") if args.cutouts else None
     paths = write_alerts(table, ref_img, new_img, args.output, size=args.cutouts or args.size,
                          overwrite=args.overwrite, cutout_dir=cut)  # fmt: skip
     log.info("%d packets -> %s (%.2f s)", len(paths), args.output, time.perf_counter() - t0)

@@ -212,7 +212,10 @@ def test_bad_inputs(tmp_path, capsys):
     (tmp_path / "a").mkdir()
     with pytest.raises(RtcnnInputError, match="already exists; pass --overwrite"):
         write_alerts(table, ref, new, tmp_path / "a")
+    (tmp_path / "a" / "stale.avro").write_bytes(b"from an earlier run")
     assert len(write_alerts(table, ref, new, tmp_path / "a", overwrite=True)) == 3
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
+        f"{i}.avro" for i in table["id"])  # replaced whole: no stale packet stays
     # a catalog without the measured columns: one line, exit 2
     del table["psf_flux"], table["flags"]
     with pytest.raises(RtcnnInputError, match=re.escape("lacks column(s) psf_flux, flags")):
