@@ -348,24 +348,26 @@ def test_bench_json_is_not_overwritten_without_overwrite(good, tmp_path, capsys)
     assert "tiles_per_s" not in capsys.readouterr().out  # refused before any work
 
 
-def test_bench_json_is_written_atomically(good, tmp_path):
+def test_bench_json_is_written_atomically(tmp_path):
+    """bench.write_results: a failure half-way through the JSON stream leaves the old file
+    whole; the write itself refuses or replaces as asked. (The command runs it in
+    tests/test_bench.py.)"""
     import json
 
     from rtcnn import bench
+    from rtcnn.errors import RtcnnInputError
 
-    out = tmp_path / "bench"
-    out.mkdir()
-    target = out / "bench-data.json"
+    target = tmp_path / "bench-data.json"
     target.write_text(KEEP)
-    # a result that fails half-way through the JSON stream: the old file stays, whole
     with pytest.raises(TypeError, match="not JSON serializable"):
         bench.write_results({"machine": {"cores": 2}, "data": object()}, target, overwrite=True)
-    assert target.read_text() == KEEP and no_temp_files(out)
-    argv = ["data", "--out", out, "--data", good.parent, "--size", "128", "--repeats", "1",
-            "--workers", "0", "--overwrite"]
-    res = bench.main([str(a) for a in argv])  # returns the results
-    assert json.loads(target.read_text()) == json.loads(json.dumps(res))
-    assert no_temp_files(out)
+    assert target.read_text() == KEEP and no_temp_files(tmp_path)
+    results = {"machine": {"cores": 2}, "data": {"tiles_per_s": [1.5, float("nan")]}}
+    with pytest.raises(RtcnnInputError, match="already exists; pass --overwrite"):
+        bench.write_results(results, target)
+    bench.write_results(results, target, overwrite=True)
+    assert json.loads(target.read_text())["data"]["tiles_per_s"][0] == 1.5
+    assert no_temp_files(tmp_path)
 
 
 def test_new_outputs_respect_the_umask(tmp_path):
