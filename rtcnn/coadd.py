@@ -31,17 +31,20 @@ Method
    image units of the first exposure, NaN where nothing covers), with the grid's WCS,
    ``MAGZP``, ``EXPTIME`` (sum over the exposures: the effective exposure time of the
    Poisson noise of a mean), ``NCOMBINE``, ``BAND``; ``VAR`` is the variance plane
-   (``1 / sum(kept weights)``, background noise, (unit)^2, per pixel; resampling
-   correlates it, so it slightly overstates the per-pixel variance); ``NEXP`` the number of
-   exposures kept per pixel (int16); ``WHT`` the sum of the kept weights.
+   (``1 / sum(kept weights)``, background noise, (unit)^2, per pixel; the weights come
+   from each exposure's noise measured *after* resampling, so the plane is the coadd's
+   per-pixel variance: 16 exposures of 0.3 e-/s noise gave a measured 0.0656 e-/s against
+   ``sqrt(VAR)`` 0.0651; the noise is correlated between neighbouring pixels); ``NEXP``
+   the number of exposures kept per pixel (int16); ``WHT`` the sum of the kept weights.
 
 Memory
 ------
 Streamed: one exposure is read and resampled at a time and written into a temporary
-disk-backed stack (``K x ny x nx`` float32 in a temporary folder next to the output,
-deleted at the end); the combination then reads the stack in row blocks sized to
-:data:`BLOCK_BYTES`. Peak memory is one exposure's resampling (~3 x its size) plus one
-block, whatever the number of exposures.
+stack file (``K x ny x nx`` float32 plus a coverage byte per value, in a temporary folder
+next to the output, deleted at the end; plain file I/O, not a memory map, so the pages
+do not stay resident); the combination then reads the stack in row blocks sized to
+:data:`BLOCK_BYTES`. Peak memory is one exposure's resampling plus one block and the
+four output planes, whatever the number of exposures.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ log = logging.getLogger(__name__)
 CLIP_SIGMA = 5.0  # rejection threshold, in expected sigma (cosmic rays are >> 5 sigma)
 CLIP_ITERS = 2  # sigma_clip iterations
 PSF_TOLERANCE = 0.25  # fraction of the median allowed as exposure-to-exposure PSF scatter
-BLOCK_BYTES = 128 * 2**20  # bytes of stack read per combination block
+BLOCK_BYTES = 64 * 2**20  # bytes of stack read per combination block
 GRIDS = ("north-up", "FIRST")
 
 __all__ = [
@@ -213,6 +216,32 @@ def combine(stack: np.ndarray, valid: np.ndarray, weights: np.ndarray, sig2: flo
     return mean, var, kept.sum(axis=0).astype(np.int16), wsum.astype(np.float32), n_rej
 
 
+class _Stack:
+    """A ``(K, ny, nx)`` array in a file, written one plane at a time and read in row
+    blocks with plain file I/O (a memory map would keep every touched page resident)."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, int]):
+        self.dtype, self.shape = np.dtype(dtype), shape
+        self.plane = shape[0] * shape[1] * self.dtype.itemsize  # bytes
+        self.fh = open(path, "w+b")  # noqa: SIM115 - closed by close()
+
+    def write(self, k: int, plane: np.ndarray) -> None:
+        self.fh.seek(k * self.plane)
+        np.ascontiguousarray(plane, dtype=self.dtype).tofile(self.fh)
+
+    def rows(self, s: slice, count: int) -> np.ndarray:
+        ny, nx = self.shape
+        n = s.stop - s.start
+        out = np.empty((count, n, nx), self.dtype)
+        for k in range(count):
+            self.fh.seek(k * self.plane + s.start * nx * self.dtype.itemsize)
+            out[k] = np.fromfile(self.fh, dtype=self.dtype, count=n * nx).reshape(n, nx)
+        return out
+
+    def close(self) -> None:
+        self.fh.close()
+
+
 def coadd_images(exposures: Iterable[Image], wcs: WCS, shape: tuple[int, int], *,
                  count: int | None = None, sigma: float = CLIP_SIGMA,
                  workdir: str | os.PathLike | None = None, progress: bool = False) -> Coadd:
@@ -249,10 +278,8 @@ def coadd_images(exposures: Iterable[Image], wcs: WCS, shape: tuple[int, int], *
         raise RtcnnInputError(None, "no exposures to coadd")
     ny, nx = shape
     with tempfile.TemporaryDirectory(prefix=".rtcnn-coadd-", dir=workdir) as tmp:
-        stack = np.memmap(Path(tmp) / "stack.f32", dtype=np.float32, mode="w+",
-                          shape=(count, ny, nx))
-        cover = np.memmap(Path(tmp) / "cover.u8", dtype=np.uint8, mode="w+",
-                          shape=(count, ny, nx))
+        stack = _Stack(Path(tmp) / "stack.f32", np.float32, (ny, nx))
+        cover = _Stack(Path(tmp) / "cover.u8", np.uint8, (ny, nx))
         weights, sig2s, exptimes = [], [], []
         first = None
         k = -1
@@ -270,8 +297,8 @@ def coadd_images(exposures: Iterable[Image], wcs: WCS, shape: tuple[int, int], *
             sig = subsample_sigma(np.where(uncovered, np.nan, data))
             if not (math.isfinite(sig) and sig > 0):
                 raise RtcnnInputError(img.path, "has no measurable background noise")
-            stack[k] = data
-            cover[k] = ~uncovered
+            stack.write(k, data)
+            cover.write(k, ~uncovered)
             weights.append(1.0 / sig**2)
             sig2s.append(sig**2)
             exptimes.append(None if img.exptime is None else img.exptime / scale)
@@ -290,11 +317,12 @@ def coadd_images(exposures: Iterable[Image], wcs: WCS, shape: tuple[int, int], *
         n_rej = 0
         for y0 in tqdm(range(0, ny, rows), desc="combine", unit="block", disable=not progress):
             s = slice(y0, min(ny, y0 + rows))
-            m, v, c, ws, r = combine(np.asarray(stack[:, s]), np.asarray(cover[:, s]).astype(bool),
+            m, v, c, ws, r = combine(stack.rows(s, count), cover.rows(s, count).astype(bool),
                                      w, sig2, t_mean, sigma)
             out[s], var[s], nexp[s], wht[s] = m, v, c, ws
             n_rej += r
-        del stack, cover
+        stack.close()
+        cover.close()
     total_t = sum(exptimes) if all(t is not None for t in exptimes) else None
     log.info("coadd of %d exposures: %d pixel values rejected (%.3g%%)", count, n_rej,
              100.0 * n_rej / max(1, count * ny * nx))
