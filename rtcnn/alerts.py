@@ -43,7 +43,8 @@ apFlux, apFluxErr           ``ap_flux``, ``ap_flux_err`` (nJy; rtcnn's aperture 
 isNegative                  ``is_negative``
 reliability                 ``reliability`` (network score); ``reliabilityVersion`` names
                             rtcnn's version and the model file
-band                        the new image's band (Roman name, e.g. ``H158``)
+band                        the new image's band (GalSim spelling for a Roman band, so
+                            ``F158`` gives ``H158``; other names as written)
 pixelFlags_edge, _bad,      the ``edge``, ``masked``, ``cosmic_ray``, ``saturated`` bits of
 _cr, _saturated             ``flags``; ``apFlux_flag_apertureTruncated`` and
                             ``psfFlux_flag_edge`` = ``edge``; ``psfFlux_flag``/
@@ -87,7 +88,7 @@ from astropy.nddata import Cutout2D
 from astropy.table import Table
 from astropy.time import Time
 
-from rtcnn import __version__
+from rtcnn import __version__, roman
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.fluxes import FLAG_BITS, MEASURED_COLUMNS, PSF_HALF, header_sca
 from rtcnn.difference import background_sigma
@@ -522,6 +523,11 @@ def alert_records(table: Table, ref, new, size: int = DEFAULT_CUTOUT_SIZE, schem
         det = header_sca(header) if any(k in header for k in DETECTOR_KEYWORDS) else 0
     mjd = midpoint_mjd_tai(header, new.exptime)
     band = new.band.strip() if new.band else None
+    if band:
+        try:
+            band = roman.canonical_band(band)  # F158 and H158 give one name, H158
+        except RtcnnInputError:
+            pass  # not a Roman band: as written
     processed = Time.now().tai.mjd if processed_mjd is None else float(processed_mjd)
     model = table.meta.get("model")
     version = f"rtcnn {__version__}" + (f" {os.path.basename(str(model))}" if model else "")
