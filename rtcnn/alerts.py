@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "candidates of a measured catalog.")  # fmt: skip
     p.add_argument("catalog", help="ECSV catalog written by rtcnn.detect")
     p.add_argument("-o", "--output", required=True, help="directory of <diaSourceId>.avro")
-    p.add_argument("--ref", help="aligned reference image (default: the catalog's 'ref')")
+    p.add_argument("--ref", help="reference image, put on the new image's grid and zero point (default: the catalog's 'ref')")
     p.add_argument("--new", help="new image (default: the catalog's 'new')")
     p.add_argument("--cutouts", type=int, nargs="?", const=DEFAULT_CUTOUT_SIZE, default=None,
                    metavar="N", help="also write N px cutout files (default N = 63) to "
@@ -673,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m rtcnn.alerts``."""
     from rtcnn.catalog import read_catalog
-    from rtcnn.io import read_pair
+    from rtcnn.align import read_aligned_pair
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
@@ -687,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cutouts:
         check_alert_dir(Path(args.output).with_name(Path(args.output).name + "_cutouts"),
                         args.overwrite)
-    ref_img, new_img = read_pair(ref, new)
+    ref_img, new_img, _ = read_aligned_pair(ref, new)  # the reference on the new grid
     t0 = time.perf_counter()
     out = Path(args.output)
     cut = out.with_name(out.name + "_cutouts") if args.cutouts else None

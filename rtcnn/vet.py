@@ -240,9 +240,9 @@ def write_page(inputs: Sequence[str], outdir, overwrite: bool = False,
                 bar.update()
         else:
             from rtcnn.alerts import write_cutouts
-            from rtcnn.io import read_pair
+            from rtcnn.align import read_aligned_pair
 
-            ref, new = read_pair(*src)
+            ref, new, _ = read_aligned_pair(*src)  # the reference on the new grid
             cut_dir = tmp / "cutouts" / f"{ci}_{path.stem}"
 
             def draw(i, st, ci=ci):
