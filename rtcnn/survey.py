@@ -462,6 +462,8 @@ def run_survey(
     catdir = outdir / CATALOG_DIR
     manifest_path = outdir / MANIFEST_NAME
     load_model(ckpt, "cpu")  # a bad checkpoint is one line here, not a failure per pair
+    if device.startswith("cuda"):
+        _check_gpu_workers(client)
     config = survey_config(ckpt, options, regions)
     old: dict[str, dict] = {}
     if manifest_path.exists() and not overwrite:
@@ -493,9 +495,9 @@ def run_survey(
     failed: dict[str, str] = {}
     interrupted = False
     if todo:
+        resources = {"GPU": 1} if device.startswith("cuda") else None
         plugin = ModelPlugin(os.path.abspath(ckpt), device, threads)
         _register(client, plugin)
-        resources = {"GPU": 1} if device.startswith("cuda") else None
         futures = {}
         for pair in todo:
             fut = client.submit(run_pair, pair, options, outputs_of(pair), pure=False,
@@ -559,6 +561,16 @@ def run_survey(
 def _register(client, plugin: ModelPlugin) -> None:
     """Register the model plugin on every worker (and on the workers that join later)."""
     client.register_plugin(plugin, name=PLUGIN_NAME)
+
+
+def _check_gpu_workers(client) -> None:
+    """With CUDA every task asks for ``GPU=1``: refuse a cluster whose workers offer none
+    (the tasks would wait for ever). Workers still to come (SLURM jobs in the queue) pass."""
+    workers = client.scheduler_info().get("workers", {})
+    if workers and not any((w.get("resources") or {}).get("GPU") for w in workers.values()):
+        raise RtcnnInputError(None, f"--device cuda: none of the {len(workers)} Dask workers "
+                              "offers the resource GPU (start them with --resources GPU=1, "
+                              "as conf/cluster/slurm_gpu_example.yaml does)")
 
 
 def merge_catalogs(rows: Sequence[dict], path: str | os.PathLike, config: dict,

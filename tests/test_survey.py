@@ -59,8 +59,8 @@ def assert_same_catalog(got: Table, want: Table) -> None:
         a, b = np.asarray(got[name]), np.asarray(want[name])
         assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
         assert got[name].unit == want[name].unit, name
-    assert {k: v for k, v in got.meta.items() if not k.endswith("seconds")} == {
-        k: v for k, v in want.meta.items() if not k.endswith("seconds")}
+    assert {k: v for k, v in got.meta.items() if "seconds" not in k} == {
+        k: v for k, v in want.meta.items() if "seconds" not in k}
 
 
 def check_complete(out, sequential) -> None:
@@ -121,6 +121,12 @@ def test_survey_equals_sequential_detect_merges_and_resumes(small_pairs, tiny_de
     third = run_survey(pairs, out, client, tiny_detector_ckpt, OPTIONS, progress=False)
     assert (third.done, third.skipped) == (1, 5)
     check_complete(out, sequential)
+
+    # GPU pair tasks ask for the worker resource GPU=1: a cluster without it is refused
+    with pytest.raises(RtcnnInputError, match="none of the 2 Dask workers offers the resource"):
+        run_survey(pairs, tmp_path / "gpu", client, tiny_detector_ckpt, OPTIONS, device="cuda",
+                   progress=False)  # fmt: skip
+    assert not (tmp_path / "gpu").exists()
 
     # other settings into the same directory are refused (nothing silently mixed)
     with pytest.raises(RtcnnInputError, match="another options; use a new output directory"):
