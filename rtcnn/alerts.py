@@ -89,9 +89,9 @@ from astropy.table import Table
 from astropy.time import Time
 
 from rtcnn import __version__, roman
+from rtcnn.difference import background_sigma
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.fluxes import FLAG_BITS, MEASURED_COLUMNS, PSF_HALF, header_sca
-from rtcnn.difference import background_sigma
 from rtcnn.io.pairdir import atomic_write
 
 __all__ = [
@@ -345,7 +345,7 @@ class Stamps:
         The stamp ran off the image (NaN beyond it).
     """
 
-    __slots__ = ("ref", "new", "diff", "ref_var", "new_var", "diff_var", "origin", "padded")
+    __slots__ = ("diff", "diff_var", "new", "new_var", "origin", "padded", "ref", "ref_var")
 
 
 def _image_sigma(image) -> float:
@@ -657,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "candidates of a measured catalog.")  # fmt: skip
     p.add_argument("catalog", help="ECSV catalog written by rtcnn.detect")
     p.add_argument("-o", "--output", required=True, help="directory of <diaSourceId>.avro")
-    p.add_argument("--ref", help="reference image, put on the new image's grid and zero point (default: the catalog's 'ref')")
+    p.add_argument("--ref", help="reference image, put on the new image's grid and zero "
+                   "point (default: the catalog's 'ref')")
     p.add_argument("--new", help="new image (default: the catalog's 'new')")
     p.add_argument("--cutouts", type=int, nargs="?", const=DEFAULT_CUTOUT_SIZE, default=None,
                    metavar="N", help="also write N px cutout files (default N = 63) to "
@@ -672,8 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m rtcnn.alerts``."""
-    from rtcnn.catalog import read_catalog
     from rtcnn.align import read_aligned_pair
+    from rtcnn.catalog import read_catalog
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)

@@ -65,8 +65,8 @@ import numpy as np
 from scipy import ndimage
 
 from rtcnn import roman
-from rtcnn.photometry import aperture_correction, aperture_flux
 from rtcnn.difference import RESIDUAL_FRACTION, noise_variance
+from rtcnn.photometry import aperture_correction, aperture_flux
 from rtcnn.tiles import stamp_index
 
 __all__ = [
@@ -416,7 +416,7 @@ def sky_errors(wcs, x, y, x_err, y_err) -> tuple[np.ndarray, np.ndarray]:
         c = wcs.pixel_to_world(a, b)
         return c.spherical.lon.deg, c.spherical.lat.deg
 
-    ra0, dec0 = radec(x, y)
+    _, dec0 = radec(x, y)
     cosd = np.cos(np.radians(dec0))
     jac = []
     for ax, ay in ((0.5, 0.0), (0.0, 0.5)):
@@ -547,9 +547,6 @@ def add_measurements(table, ref: np.ndarray, new: np.ndarray, *, wcs, zeropoint:
     x = np.asarray(table["x"], np.float64)
     y = np.asarray(table["y"], np.float64)
     ny, nx = new.shape
-    ix = np.clip(np.rint(x).astype(np.int64), 0, nx - 1)
-    iy = np.clip(np.rint(y).astype(np.int64), 0, ny - 1)
-    sca = header_sca(header)
     if n:
         epsf, apcorr, psf_model = header_psf(band, header)
         psf = measure_psf(ref, new, x, y, sigma_diff=sigma_diff, epsf=epsf, exptime=exptime,

@@ -94,7 +94,7 @@ def find_catalogs(inputs: Sequence[str]) -> list[Path]:
 def _read(path: Path) -> Table:
     try:
         table = Table.read(path, format="ascii.ecsv")
-    except Exception as err:  # astropy raises many types for a bad file
+    except Exception as err:  # noqa: BLE001 - astropy raises many types for a bad file
         raise RtcnnInputError(path, f"not a readable ECSV catalog ({type(err).__name__})") from None
     missing = [c for c in ("x", "y") if c not in table.colnames]
     if "reliability" not in table.colnames and "score" not in table.colnames:

@@ -10,6 +10,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from rtcnn import roman
+from rtcnn.difference import psf_sigma
 from rtcnn.fluxes import (
     FLAG_BITS,
     MEASURED_COLUMNS,
@@ -18,7 +19,6 @@ from rtcnn.fluxes import (
     njy_per_unit,
     pixel_variance,
 )
-from rtcnn.difference import psf_sigma
 from rtcnn.measure import fit_psf
 
 SIZE = 240  # px
@@ -57,7 +57,7 @@ def _inject(seed: int):
     signal = np.zeros((SIZE, SIZE))
     true = np.zeros(n)
     for k in range(n):
-        ix, iy = int(round(x[k])), int(round(y[k]))
+        ix, iy = round(x[k]), round(y[k])
         stamp = psf.drawImage(nx=63, ny=63, scale=roman.PIXEL_SCALE, method="no_pixel",
                               offset=(x[k] - ix, y[k] - iy)).array.astype(np.float64)
         stamp *= flux[k] / stamp.sum()  # flux inside the 63 px box, as rtcnn.sim normalises
@@ -157,7 +157,6 @@ def test_flags_each_bit():
     new[50, 50] = 1e5  # saturated pixel at source 2
     x = np.array([5.0, 30.0, 50.0, 72.0, 70.0, 40.0])
     y = np.array([50.0, 50.0, 50.0, 70.0, 30.0, 40.0])
-    flags = add_flags = None  # noqa: F841
     from rtcnn.fluxes import source_flags
 
     flags = source_flags(ref, new, x, y, mask=mask, sigma_diff=0.12,

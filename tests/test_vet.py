@@ -4,13 +4,11 @@ shows every candidate, filters, marks with the keyboard, exports labels rtcnn re
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
@@ -208,7 +206,7 @@ def test_bad_inputs(tmp_path, capsys, page):
         main([str(bad), "-o", str(tmp_path / "p")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"rtcnn: error: {bad}: catalog lacks column(s) reliability needed by the "
-                   "vetting page"]
+    assert err == [(f"rtcnn: error: {bad}: catalog lacks column(s) reliability needed by "
+                    "the vetting page")]
     with pytest.raises(RtcnnInputError, match="already exists; pass --overwrite"):
         write_page([str(Path(table.meta["new"]).parent / "cands.ecsv")], index.parent)
