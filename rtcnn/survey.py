@@ -21,6 +21,7 @@ worker by a worker plugin (:class:`ModelPlugin`), not once per task.
 ``OUTDIR`` holds::
 
     catalogs/<pair>.ecsv     one catalog per pair (and <pair>.reg with --regions)
+    alerts/<pair>/           LSST Avro alert packets (--alerts), cutouts/<pair>/ (--cutouts)
     manifest.parquet         one row per pair: status, seconds, candidates, checksum, error
     survey.parquet           every candidate of the done pairs, with pair, sca, band, mjd
     summary.json             pairs done / failed / skipped, candidates, s per pair
@@ -57,6 +58,7 @@ from tqdm.auto import tqdm
 
 from rtcnn import __version__
 from rtcnn.io.pairdir import atomic_write
+from rtcnn.alerts import DEFAULT_CUTOUT_SIZE
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.io import find_pairs
 from rtcnn.pipeline import (
@@ -90,6 +92,8 @@ log = logging.getLogger(__name__)
 
 CONF_CLUSTER = Path(__file__).resolve().parents[1] / "conf" / "cluster"
 CATALOG_DIR = "catalogs"
+ALERTS_DIR = "alerts"
+CUTOUTS_DIR = "cutouts"
 MANIFEST_NAME = "manifest.parquet"
 MERGED_NAME = "survey.parquet"
 SUMMARY_NAME = "summary.json"
@@ -250,12 +254,24 @@ def run_pair(pair: SurveyPair, options: PairOptions, outputs: PairOutputs) -> di
     """
     model, worker = _worker_model()
     result = process_pair(pair.ref, pair.new, model, options, outputs, name=pair.name)
-    return {**_done_row(pair, result, worker), "table": result.table}
+    files = [*result.files, *_product_files(outputs)]
+    checksum = result.checksum if len(files) == len(result.files) else files_checksum(files)
+    return {**_done_row(pair, result, worker, files, checksum), "table": result.table}
 
 
-def _done_row(pair: SurveyPair, result: PairResult, worker: str) -> dict:
+def _product_files(outputs: PairOutputs) -> list[Path]:
+    """The alert packets and cutout files of a pair (sorted), for its checksum."""
+    found = []
+    for folder in (outputs.alerts, outputs.cutouts):
+        if folder is not None and Path(folder).is_dir():
+            found += sorted(p for p in Path(folder).iterdir()
+                            if p.is_file() and not p.name.startswith("."))  # fmt: skip
+    return found
+
+
+def _done_row(pair: SurveyPair, result: PairResult, worker: str, files, checksum: str) -> dict:
     return {"pair": pair.name, "ref": str(pair.ref), "new": str(pair.new), "status": "done",
-            "files": [str(f) for f in result.files], "checksum": result.checksum,
+            "files": [str(f) for f in files], "checksum": checksum,
             "n_candidates": int(result.n_candidates), "seconds": float(result.seconds),
             "band": result.band, "sca": result.sca, "mjd": result.mjd, "worker": worker,
             "finished": _now(), "error": None}  # fmt: skip
@@ -381,17 +397,20 @@ class SurveySummary:
         return out
 
 
-def survey_config(ckpt: str | os.PathLike, options: PairOptions, regions: bool) -> dict:
+def survey_config(ckpt: str | os.PathLike, options: PairOptions, regions: bool,
+                  alerts: bool = False, cutouts: int | None = None) -> dict:
     """The settings that make a survey's outputs what they are (compared on a rerun)."""
     opts = dataclasses.asdict(options)
     opts.pop("overwrite")
     digest = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
     return {"ckpt": os.path.abspath(ckpt), "ckpt_sha256": digest, "options": opts,
-            "regions": bool(regions), "rtcnn": __version__}  # fmt: skip
+            "regions": bool(regions), "products": {"alerts": bool(alerts), "cutouts": cutouts},
+            "rtcnn": __version__}  # fmt: skip
 
 
 def _check_config(old: dict, new: dict, manifest: Path) -> None:
-    keys = [k for k in ("ckpt_sha256", "options", "regions") if old.get(k) != new.get(k)]
+    keys = [k for k in ("ckpt_sha256", "options", "regions", "products")
+            if old.get(k) != new.get(k)]
     if keys:
         what = ", ".join({"ckpt_sha256": "checkpoint"}.get(k, k) for k in keys)
         raise RtcnnInputError(manifest, f"this survey was run with another {what}; use a new "
@@ -406,6 +425,8 @@ def run_survey(
     options: PairOptions = PairOptions(),
     *,
     regions: bool = False,
+    alerts: bool = False,
+    cutouts: int | None = None,
     retries: int = DEFAULT_RETRIES,
     overwrite: bool = False,
     threads: int | None = None,
@@ -427,6 +448,10 @@ def run_survey(
         Detection settings; ``overwrite`` is ignored (see ``overwrite``).
     regions : bool
         Also write DS9 region files.
+    alerts : bool
+        Also write LSST Avro alert packets, ``OUTDIR/alerts/<pair>/`` (:mod:`rtcnn.alerts`).
+    cutouts : int, optional
+        Also write ref/new/difference cutouts of this size (px), ``OUTDIR/cutouts/<pair>/``.
     retries : int
         Extra attempts of a failed pair task (Dask ``retries``).
     overwrite : bool
@@ -464,7 +489,7 @@ def run_survey(
     load_model(ckpt, "cpu")  # a bad checkpoint is one line here, not a failure per pair
     if device.startswith("cuda"):
         _check_gpu_workers(client)
-    config = survey_config(ckpt, options, regions)
+    config = survey_config(ckpt, options, regions, alerts, cutouts)
     old: dict[str, dict] = {}
     if manifest_path.exists() and not overwrite:
         old, old_config = read_manifest(manifest_path)
@@ -473,7 +498,10 @@ def run_survey(
 
     def outputs_of(pair: SurveyPair) -> PairOutputs:
         return PairOutputs(catdir / f"{pair.stem}.ecsv",
-                           catdir / f"{pair.stem}.reg" if regions else None)
+                           catdir / f"{pair.stem}.reg" if regions else None,
+                           alerts=outdir / ALERTS_DIR / pair.stem if alerts else None,
+                           cutouts=outdir / CUTOUTS_DIR / pair.stem if cutouts else None,
+                           cutout_size=cutouts or DEFAULT_CUTOUT_SIZE)  # fmt: skip
 
     rows: dict[str, dict] = {name: row for name, row in old.items()}  # other pairs kept
     todo, skipped = [], []
@@ -484,7 +512,8 @@ def run_survey(
             todo.append(pair)
             rows[pair.name] = _row(pair, "pending")
             if not overwrite and pair.name not in old:
-                for path in outputs_of(pair).paths():  # never replace what we did not write
+                out = outputs_of(pair)  # never replace what we did not write
+                for path in [*out.paths(), *(p for p in (out.alerts, out.cutouts) if p)]:
                     if path.exists():
                         raise RtcnnInputError(path, "already exists and is not in the survey "
                                               "manifest; pass --overwrite to replace it")
@@ -732,6 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="stamps mode: D4 test-time augmentation")
     p.add_argument("--no-refine", action="store_true", help="no PSF refit of the positions")
     p.add_argument("--regions", action="store_true", help="also write DS9 region files")
+    p.add_argument("--alerts", action="store_true",
+                   help="also write LSST Avro alert packets to OUTDIR/alerts/<pair>/")
+    p.add_argument("--cutouts", type=int, nargs="?", const=DEFAULT_CUTOUT_SIZE, default=None,
+                   metavar="N", help="also write N px ref/new/diff cutouts (default N = "
+                   f"{DEFAULT_CUTOUT_SIZE}) to OUTDIR/cutouts/<pair>/")  # fmt: skip
     p.add_argument("--overwrite", action="store_true",
                    help="ignore the manifest of OUTDIR and redo every pair")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -753,6 +787,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           precision=args.precision, refine=not args.no_refine,
                           dmag=args.dmag, tta=args.tta)  # fmt: skip
     options.check()
+    if args.cutouts is not None and args.cutouts < 1:
+        raise RtcnnInputError(None, f"--cutouts must be >= 1, got {args.cutouts}")
     if args.retries < 0:
         raise RtcnnInputError(None, f"--retries must be >= 0, got {args.retries}")
     if args.threads is not None and args.threads < 1:
@@ -766,7 +802,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rtcnn.survey: {len(pairs)} pairs; Dask dashboard: {client.dashboard_link}",
               file=sys.stderr)
         summary = run_survey(pairs, args.output, client, args.ckpt, options,
-                             regions=args.regions, retries=args.retries,
+                             regions=args.regions, alerts=args.alerts, cutouts=args.cutouts,
+                             retries=args.retries,
                              overwrite=args.overwrite, threads=threads, device=device,
                              progress=not args.no_progress)  # fmt: skip
     except KeyboardInterrupt:

@@ -159,6 +159,31 @@ def test_ctrl_c_leaves_a_consistent_manifest(small_pairs, tiny_detector_ckpt, se
     check_complete(out, sequential)
 
 
+def test_alerts_and_cutouts_are_outputs_of_the_pair(small_pairs, tiny_detector_ckpt,
+                                                   sequential, client, tmp_path):
+    pairs = [p for p in survey_pairs(small_pairs) if len(sequential[p.name])][:2]
+    out = tmp_path / "survey"
+    summary = run_survey(pairs, out, client, tiny_detector_ckpt, OPTIONS, alerts=True,
+                         cutouts=15, progress=False)  # fmt: skip
+    assert (summary.done, summary.failed) == (2, {})
+    rows, config = read_manifest(out / MANIFEST_NAME)
+    assert config["products"] == {"alerts": True, "cutouts": 15}
+    for pair in pairs:
+        row, n = rows[pair.name], len(sequential[pair.name])
+        packets = sorted((out / "alerts" / pair.name).glob("*.avro"))
+        stamps = sorted(p for p in (out / "cutouts" / pair.name).iterdir() if p.is_file())
+        assert len(packets) == n and stamps
+        assert row["files"] == [str(out / "catalogs" / f"{pair.name}.ecsv"),
+                                *map(str, packets), *map(str, stamps)]
+        assert files_checksum(row["files"]) == row["checksum"]
+    packets[0].unlink()  # a lost packet: its pair is redone, the other one skipped
+    again = run_survey(pairs, out, client, tiny_detector_ckpt, OPTIONS, alerts=True,
+                       cutouts=15, progress=False)  # fmt: skip
+    assert (again.done, again.skipped) == (1, 1) and packets[0].is_file()
+    with pytest.raises(RtcnnInputError, match="another products"):
+        run_survey(pairs, out, client, tiny_detector_ckpt, OPTIONS, progress=False)
+
+
 def test_a_broken_pair_is_recorded_and_the_rest_finish(small_pairs, tiny_detector_ckpt,
                                                        sequential, client, tmp_path, capsys):
     data = tmp_path / "data"
