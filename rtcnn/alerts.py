@@ -27,7 +27,7 @@ diaSourceId                 :func:`source_ids`: BLAKE2b hash of the visit, detec
                             pair gives the same IDs
 visit                       header ``VISIT``/``EXPID``/``OBSID`` (int), else a 63-bit hash
                             of the new image's header (same file, same visit)
-detector                    header ``SCA``/``SCA_NUM``/``DETECTOR``, else 0
+detector                    header ``SCA``/``SCA_NUM``/``DETECTOR`` (1-18), else 0
 midpointMjdTai              :func:`midpoint_mjd_tai`: ``MJD-AVG``/``DATE-AVG``, else
                             ``MJD-OBS``/``DATE-OBS``/``MJD-BEG``/``DATE-BEG`` + EXPTIME/2, in
                             the header's ``TIMESYS`` (default UTC) converted to TAI. A
@@ -105,7 +105,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CUTOUT_SIZE = 63  # px, side of a cutout stamp
 ID_BITS = 63  # IDs are positive Avro longs
 VISIT_KEYWORDS = ("VISIT", "EXPID", "OBSID", "EXPOSURE")
-DETECTOR_KEYWORDS = ("SCA", "SCA_NUM", "DETECTOR")
 ALERT_COLUMNS = ("x", "y", "ra", "dec", *MEASURED_COLUMNS)  # a catalog must have these
 
 
@@ -146,13 +145,8 @@ def visit_id(header: Mapping) -> int:
 
 
 def detector_id(header: Mapping) -> int:
-    """``SCA``/``SCA_NUM``/``DETECTOR`` as an int, else 0."""
-    for key in DETECTOR_KEYWORDS:
-        try:
-            return int(header.get(key))
-        except (TypeError, ValueError):
-            continue
-    return 0
+    """The SCA a header names (:func:`rtcnn.fluxes.header_sca`), else 0."""
+    return header_sca(header, default=0)
 
 
 def source_ids(table: Table, header: Mapping) -> np.ndarray:
@@ -519,8 +513,6 @@ def alert_records(table: Table, ref, new, size: int = DEFAULT_CUTOUT_SIZE, schem
     header = new.header
     ids = _ensure_ids(table, header)
     visit, det = visit_id(header), detector_id(header)
-    if not det:
-        det = header_sca(header) if any(k in header for k in DETECTOR_KEYWORDS) else 0
     mjd = midpoint_mjd_tai(header, new.exptime)
     band = new.band.strip() if new.band else None
     if band:

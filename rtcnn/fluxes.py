@@ -501,16 +501,20 @@ def saturation_level(header: Mapping | None) -> float | None:
     return None
 
 
-def header_sca(header: Mapping | None) -> int:
-    """Roman SCA (1-18) named by a header (``SCA``, ``SCA_NUM``, ``DETECTOR``), else 7."""
-    for key in ("SCA", "SCA_NUM", "DETECTOR"):
+SCA_KEYWORDS = ("SCA", "SCA_NUM", "DETECTOR")  # header cards naming the Roman SCA
+
+
+def header_sca(header: Mapping | None, default: int = 7) -> int:
+    """Roman SCA (1-18) named by a header (:data:`SCA_KEYWORDS`; ``7`` and ``'WFI07'`` both
+    read as 7), else ``default``."""
+    for key in SCA_KEYWORDS:
         try:
-            value = int((header or {}).get(key))
+            value = int(str((header or {}).get(key)).strip().upper().removeprefix("WFI"))
         except (TypeError, ValueError):
             continue
         if 1 <= value <= roman.N_SCA:
             return value
-    return 7
+    return default
 
 
 def add_measurements(table, ref: np.ndarray, new: np.ndarray, *, wcs, zeropoint: float | None,
