@@ -67,7 +67,7 @@ def test_bench_train_records_a_failure_instead_of_crashing(monkeypatch):
 def test_bench_infer_tiny(tmp_path, keep_threads):
     # simulates its own 256 x 256 px epochs pair (independent noise: the baseline needs it)
     bench.main(["infer", "--out", str(tmp_path), "--size", "256", "--repeats", "1",
-                "--threads", "1", "--scan-batch", "16"])
+                "--threads", "1", "--scan-batch", "16", "--cases", "same-grid"])
     saved = json.loads((tmp_path / "bench-infer.json").read_text())["infer"]
     assert saved["image_shape"] == [256, 256]
     runs = saved["runs"]
@@ -81,6 +81,17 @@ def test_bench_infer_tiny(tmp_path, keep_threads):
     assert runs["attn5_scan"]["rows"] == n_tiles((256, 256), TILE_SIZE, TILE_STRIDE)
     assert runs["detector"]["torch_threads"] == 1
     assert set(saved["targets"]) == {"detector_s<=baseline_s"}
+
+
+def test_bench_infer_survey_case(tmp_path, keep_threads):
+    # the reference on a north-up coadd grid: the detector aligns it inside the timed run
+    bench.main(["infer", "--out", str(tmp_path), "--size", "128", "--repeats", "1",
+                "--threads", "1", "--cases", "survey", "--methods", "detector"])
+    saved = json.loads((tmp_path / "bench-infer.json").read_text())["infer"]
+    assert saved["runs"] == {} and "north-up" in saved["survey"]["reference"]
+    r = saved["survey"]["runs"]["detector"]
+    assert INFER_KEYS <= set(r) and r["seconds_median"] > 0
+    assert set(saved["survey"]["targets"]) == {"detector_s<=3"}
 
 
 def test_bench_rejects_bad_options(capsys):
