@@ -216,11 +216,11 @@ def run_baseline(
         ``flux``, ``flux_err`` (e-/s, the fitted change) and ``chi2``; metadata names the
         inputs, ``model = 'baseline'``, the threshold, FWHM, noise and masked fraction.
     """
-    from rtcnn.io import read_pair
+    from rtcnn.align import read_aligned_pair
 
     if not threshold > 0:
         raise RtcnnInputError(None, f"--threshold must be > 0 sigma, got {threshold}")
-    ref, new = read_pair(ref_path, new_path)
+    ref, new, aligned = read_aligned_pair(ref_path, new_path)  # reference on the new grid
     fwhm = band_fwhm(new.band or ref.band) if fwhm is None else float(fwhm)
     psf_sigma(fwhm)  # validates
     wcs = new.require_wcs("give the candidates RA/Dec")
@@ -241,6 +241,7 @@ def run_baseline(
         **{f"cut_{k}": v for k, v in dataclasses.asdict(cuts).items()},
         "image_shape": [int(v) for v in new.shape],
         "masked_fraction": d.masked_fraction, "ref_scale": d.scale,
+        **aligned.meta(),
         "dmag": "|m_ref - m_new| (mag), aperture photometry, rtcnn.photometry.magdiff",
     }  # fmt: skip
     cat = make_catalog(found["x"], found["y"], found["snr"], dmag, found["brightened"], wcs, meta)

@@ -166,7 +166,7 @@ def test_cli_bad_inputs(pair, tmp_path, capsys):
 def test_scored_against_its_truth(pair, tmp_path):
     """The pair's catalog scores perfectly; the photometric truth dmag of the variable
     is |m_ref - m_new| and the hostless transients' (lower limits) are left out."""
-    from rtcnn.score import evaluate, pair_score, photometric_dmag
+    from rtcnn.scoring import evaluate, pair_score, photometric_dmag
 
     rows = [(x, y, np.nan, MAGZP - 2.5 * math.log10(f), "transient") for x, y, f in TRANSIENTS]
     rows.append((FADED[0], FADED[1], MAGZP - 2.5 * math.log10(FADED[2]), np.nan, "transient"))
