@@ -10,6 +10,8 @@ the new evaluation directory:
   error) and AUROC per magnitude bin, from the brightest sources to past the detection
   limit, where they must fall to chance;
 * ``confusion_matrix.png``, ``roc.png`` (with the AUC);
+* ``learning_curves.png`` -- accuracy and loss per epoch (train, val) read from the
+  training run's TensorBoard logs (``<run>/tensorboard``), when there are any;
 * ``predictions.ecsv`` -- one row per stamp (pair, id, position, label, galaxy
   probability, magnitude, S/N);
 * ``worst_stamps.png`` and ``worst/`` -- the ``n_worst`` most confidently wrong stamps;
@@ -21,7 +23,7 @@ the new evaluation directory:
 
 Accuracy and loss curves per epoch are the training run's TensorBoard scalars
 (``train/accuracy``, ``val/accuracy``, ``train/loss``, ``val/loss``: ``tensorboard
---logdir <run>/tensorboard``).
+--logdir <run>/tensorboard``), drawn again in ``learning_curves.png``.
 
 Labels: 0 = star, 1 = galaxy (:data:`rtcnn.data.stamps.CLASSES`).
 """
@@ -59,8 +61,8 @@ SHAP_BACKGROUND = 64  # test stamps forming the SHAP reference distribution
 SHAP_SAMPLES = 200  # expected-gradient samples per explained stamp
 
 __all__ = ["StampPredictions", "accuracy_table", "explain_shap", "fig_accuracy_vs_mag",
-           "fig_confusion", "fig_roc", "predict_stamps", "summary",
-           "write_classification_report"]
+           "fig_confusion", "fig_learning_curves", "fig_roc", "learning_curves",
+           "predict_stamps", "summary", "write_classification_report"]
 
 
 @dataclass
@@ -301,6 +303,44 @@ def fig_worst_stamps(pred: StampPredictions) -> Figure:
     return fig
 
 
+def learning_curves(tb_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``tag -> (epochs, values)`` of the accuracy and loss curves of a run's TensorBoard logs.
+
+    Tags ``{train,val}/{accuracy,loss}``; the epoch of each value is the run's ``epoch``
+    scalar at the same step. Empty when the folder holds no event file.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not Path(tb_dir).is_dir() or not any(Path(tb_dir).glob("events.out.tfevents.*")):
+        return {}
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0}).Reload()
+    tags = set(acc.Tags().get("scalars", []))
+    epoch_of = {e.step: e.value for e in acc.Scalars("epoch")} if "epoch" in tags else {}
+    out = {}
+    for tag in ("train/accuracy", "val/accuracy", "train/loss", "val/loss"):
+        if tag in tags:
+            ev = acc.Scalars(tag)
+            out[tag] = (np.array([epoch_of.get(e.step, e.step) for e in ev], float),
+                        np.array([e.value for e in ev], float))
+    return out
+
+
+def fig_learning_curves(curves: dict) -> Figure:
+    """Accuracy and loss per epoch, train and val (from :func:`learning_curves`)."""
+    fig = Figure(figsize=(8.0, 3.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, what in zip(axes, ("accuracy", "loss")):
+        for stage in ("train", "val"):
+            if f"{stage}/{what}" in curves:
+                x, y = curves[f"{stage}/{what}"]
+                ax.plot(x, y, "o-", ms=3, label=stage)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=8)
+    fig.suptitle("training curves (the run's TensorBoard scalars)", fontsize=9)
+    return fig
+
+
 def fig_shap_panel(image: np.ndarray, values: np.ndarray, title: str) -> Figure:
     """A stamp (first channel) next to its SHAP map (per channel, red = towards galaxy)."""
     c = values.shape[0]
@@ -429,6 +469,9 @@ def write_classification_report(module: torch.nn.Module, datamodule, out_dir, sp
             "accuracy_vs_mag": fig_accuracy_vs_mag(table, bright_mag)}
     if len(pred.worst["index"]):
         figs["worst_stamps"] = fig_worst_stamps(pred)
+    curves = learning_curves(Path(str((meta or {}).get("run_dir", ""))) / "tensorboard")
+    if curves:
+        figs["learning_curves"] = fig_learning_curves(curves)
     for name, fig in figs.items():
         save_figure(fig, out / f"{name}.png")
     result["shap"] = _write_shap(module, pred, out / "worst")

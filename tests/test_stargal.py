@@ -156,16 +156,17 @@ def test_experiment_stargal_reaches_floor(trained):
 def test_report_files_and_shap(trained, tmp_path, monkeypatch):
     from rtcnn.report_stargal import write_classification_report
 
-    _, objects, _ = trained
+    _, objects, run = trained
     model, dm = objects["model"], objects["datamodule"]
     result = write_classification_report(model, dm, tmp_path / "r", splits=["val", "test"],
-                                         n_worst=3)
+                                         n_worst=3, meta={"run_dir": str(run)})
     assert "val" not in result["splits"]  # no validation pairs: left out
     test = result["splits"]["test"]
     assert test["all"]["n_stamps"] == len(dm.datasets["test"])
     assert test["mag_lt_23"]["accuracy"] >= FLOOR_ACCURACY_BRIGHT
     for name in ("confusion_matrix.png", "roc.png", "accuracy_vs_mag.png",
-                 "accuracy_vs_mag.ecsv", "predictions.ecsv", "worst_stamps.png"):
+                 "accuracy_vs_mag.ecsv", "predictions.ecsv", "worst_stamps.png",
+                 "learning_curves.png"):
         assert (tmp_path / "r" / name).stat().st_size > 0
     table = Table.read(tmp_path / "r" / "accuracy_vs_mag.ecsv")
     assert table["n"].sum() == test["all"]["n_stamps"]
