@@ -122,15 +122,15 @@ __all__ = [
     "GRID_TOLERANCE",
     "AlignInfo",
     "align_pair",
-    "grid_offset",
     "bright_peaks",
+    "grid_offset",
     "measure_offset",
     "pix2pix",
     "pixel_map",
     "read_aligned_pair",
+    "resample",
     "subsample_sigma",
     "write_aligned_reference",
-    "resample",
     "zeropoint_scale",
 ]
 
@@ -414,7 +414,7 @@ def _centroids(data: np.ndarray, x, y) -> tuple[np.ndarray, np.ndarray]:
     for k, (xi, yi) in enumerate(zip(np.asarray(x, float), np.asarray(y, float))):
         if not (math.isfinite(xi) and math.isfinite(yi)):
             continue
-        ix, iy = int(round(xi)), int(round(yi))
+        ix, iy = round(xi), round(yi)
         if ix - h < 0 or iy - h < 0 or ix + h >= nx or iy + h >= ny:
             continue
         box = np.array(arr[iy - h:iy + h + 1, ix - h:ix + h + 1], dtype=np.float64)
@@ -510,7 +510,7 @@ def _box_sums(data: np.ndarray, x, y) -> np.ndarray:
     for k, (xi, yi) in enumerate(zip(np.asarray(x, float), np.asarray(y, float))):
         if not (math.isfinite(xi) and math.isfinite(yi)):
             continue
-        ix, iy = int(round(xi)), int(round(yi))
+        ix, iy = round(xi), round(yi)
         if h <= ix < nx - h and h <= iy < ny - h:
             out[k] = float(np.sum(arr[iy - h:iy + h + 1, ix - h:ix + h + 1], dtype=np.float64))
     return out

@@ -706,9 +706,9 @@ def _infer_child(args: argparse.Namespace) -> dict:
         def run():
             baseline.main(argv)
     else:
+        from rtcnn.align import read_aligned_pair
         from rtcnn.checkpoint import load_model
         from rtcnn.inference import SCAN_BATCH, scan_attn5
-        from rtcnn.align import read_aligned_pair
         from rtcnn.models.attn5 import Attn5
         from rtcnn.tasks import build_task
 
@@ -888,7 +888,7 @@ def bench_survey(args: argparse.Namespace) -> dict:
 
     from rtcnn import detect
     from rtcnn.pipeline import PairOptions
-    from rtcnn.survey import open_cluster, run_survey, survey_pairs
+    from rtcnn.distribute import open_cluster, run_survey, survey_pairs
 
     device = str(_device(args))
     cores = os.cpu_count() or 1
@@ -963,7 +963,7 @@ def bench_survey(args: argparse.Namespace) -> dict:
 
 
 def _manifest_rows(outdir: Path) -> list[dict]:
-    from rtcnn.survey import MANIFEST_NAME, read_manifest
+    from rtcnn.distribute import MANIFEST_NAME, read_manifest
 
     rows, _ = read_manifest(outdir / MANIFEST_NAME)
     return [r for r in rows.values() if r["status"] == "done"]

@@ -143,7 +143,7 @@ def north_up_grid(image: Image, size: int | None = None) -> tuple[WCS, tuple[int
     ny, nx = image.shape
     centre = wcs.pixel_to_world((nx - 1) / 2.0, (ny - 1) / 2.0).icrs
     if size is None:
-        size = int(math.ceil(math.hypot(nx, ny))) + 2
+        size = math.ceil(math.hypot(nx, ny)) + 2
     scale = pixel_scale_deg(wcs)
     out = WCS(naxis=2)
     out.wcs.ctype = ["RA---TAN", "DEC--TAN"]
@@ -230,7 +230,7 @@ class _Stack:
         np.ascontiguousarray(plane, dtype=self.dtype).tofile(self.fh)
 
     def rows(self, s: slice, count: int) -> np.ndarray:
-        ny, nx = self.shape
+        nx = self.shape[1]
         n = s.stop - s.start
         out = np.empty((count, n, nx), self.dtype)
         for k in range(count):

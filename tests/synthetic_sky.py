@@ -53,7 +53,7 @@ def draw(wcs, shape, ra, dec, flux, noise=0.0, rng=None, sigma=SIGMA_PX) -> np.n
     k = np.sqrt(2.0) * sigma
     h = STAMP_HALF
     for xi, yi, fi in zip(x, y, np.atleast_1d(flux)):
-        ix, iy = int(round(xi)), int(round(yi))
+        ix, iy = round(xi), round(yi)
         xs = np.arange(max(0, ix - h), min(nx, ix + h + 1))
         ys = np.arange(max(0, iy - h), min(ny, iy + h + 1))
         if xs.size == 0 or ys.size == 0:

@@ -98,7 +98,7 @@ def test_partial_overlap_masks_uncovered_pixels(tmp_path):
     ref_wcs = make_wcs(SHAPE, crpix=[(SHAPE[1] + 1) / 2 - shift, (SHAPE[0] + 1) / 2])
     ref_path, new_path, _ = _pair(tmp_path, rng, ref_wcs, SHAPE,
                                   transients=((40.2, 60.7), (110.3, 60.2)))
-    ref, new, info = read_aligned_pair(ref_path, new_path)
+    ref, _, info = read_aligned_pair(ref_path, new_path)
     # reference x = new x - 50.5: covered where 1 <= x_ref <= 126 (EDGE_PX = 1 px of the
     # spline), i.e. new columns 52..127; the reference's own first/last rows are edge too
     x = np.arange(SHAPE[1])
@@ -278,7 +278,7 @@ def test_write_aligned_reference_for_tile_readers(tmp_path):
     rng = np.random.default_rng(12)
     ref_path, new_path, _ = _pair(tmp_path, rng, make_wcs((150, 140), roll=40.0), (150, 140),
                                   zp_ref=25.5)
-    out, info = write_aligned_reference(ref_path, new_path, tmp_path / "ref_on_new.fits")
+    out, _ = write_aligned_reference(ref_path, new_path, tmp_path / "ref_on_new.fits")
     img = read_image(out)
     ref, _, _ = read_aligned_pair(ref_path, new_path)
     assert img.shape == SHAPE and img.zeropoint == 26.0

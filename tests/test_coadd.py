@@ -44,7 +44,7 @@ def exposures(tmp_path_factory):
 
 
 def test_coadd_rejects_cosmic_ray_and_conserves_flux(exposures):
-    d, paths, grid, (ra, dec, flux) = exposures
+    d, paths, _, (ra, dec, flux) = exposures
     out = d / "ref.fits"
     assert coadd_main([*map(str, paths), "-o", str(out), "--size", "110", "--no-progress"]) == 0
     with fits.open(out) as hdul:
@@ -57,7 +57,7 @@ def test_coadd_rejects_cosmic_ray_and_conserves_flux(exposures):
     # the cosmic ray lands where exposure 2's pixel maps on the coadd grid
     w2 = read_image(paths[2]).wcs
     cx, cy = ref.wcs.world_to_pixel(w2.pixel_to_world(CR_XY[0] + 1, CR_XY[1]))
-    ix, iy = int(round(float(cx))), int(round(float(cy)))
+    ix, iy = round(float(cx)), round(float(cy))
     box = (slice(iy - 2, iy + 3), slice(ix - 2, ix + 3))
     sigma = np.sqrt(var[box])
     assert np.all(np.abs(data[box] - truth[box]) < 5 * sigma)  # a plain mean: 80 e-/s

@@ -111,7 +111,7 @@ def test_survey_pair_reference_is_a_coadd_on_another_grid(survey_pair):
 
 
 def test_survey_is_reproducible(tmp_path):
-    kw = dict(progress=False, n_epochs=2, n_galaxies=5, n_stars=5, n_transients=2)
+    kw = {"progress": False, "n_epochs": 2, "n_galaxies": 5, "n_stars": 5, "n_transients": 2}
     a = simulate_dataset(tmp_path / "a", 1, 64, "survey", 4, **kw)[0]
     b = simulate_dataset(tmp_path / "b", 1, 64, "survey", 4, **kw)[0]
     for name in ("ref.fits", "new.fits", "truth.ecsv", "params.json"):

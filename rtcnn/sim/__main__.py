@@ -14,7 +14,6 @@ import time
 from rtcnn.errors import CommandParser, cli_main
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (values are checked by :func:`simulate_dataset`)."""
     p = CommandParser(prog="python -m rtcnn.sim", description=__doc__.splitlines()[0])

@@ -56,8 +56,13 @@ from rtcnn.roman import SCA_NPIX
 from rtcnn.sim import render
 from rtcnn.sim.scene import Pointing, Scene, draw_pointing, make_scene, pair_band
 
-__all__ = ["BOUNDS_MARGIN", "EPOCH_SPACING_DAYS", "simulate_survey_pair", "exposure_wcs",
-           "frame_positions"]
+__all__ = [
+    "BOUNDS_MARGIN",
+    "EPOCH_SPACING_DAYS",
+    "exposure_wcs",
+    "frame_positions",
+    "simulate_survey_pair",
+]
 
 EPOCH_SPACING_DAYS = 10.0  # d, between consecutive reference exposures (before mjd)
 BOUNDS_MARGIN = 70  # px, objects this far outside a frame are still drawn (PSF wings)
@@ -176,7 +181,7 @@ def simulate_survey_pair(index: int, size: int, mode: str, seed: int, params: di
              if survey else size)
     # the scene: a square in the new image's frame that holds every exposure at any roll
     reach = frame / math.sqrt(2) + dither + BOUNDS_MARGIN / 2
-    side = int(math.ceil(2 * reach))
+    side = math.ceil(2 * reach)
     pad = (side - size) / 2.0
     scene = make_scene(rng, side, _shift_forced(params, pad))
     scene.x, scene.y = scene.x - pad, scene.y - pad
@@ -225,7 +230,7 @@ def simulate_survey_pair(index: int, size: int, mode: str, seed: int, params: di
                      "cosmic_rays": n_cr, "background_e": _bkg_dict(bkg_k)})  # fmt: skip
     bkg_ref = epochs[0][5]
 
-    common = dict(band=band, zp=zp, mode=mode, seed=seed, index=index)
+    common = {"band": band, "zp": zp, "mode": mode, "seed": seed, "index": index}
     if survey:
         new_img = Image.from_array(new, wcs=astropy_wcs(new_wcs, size), zeropoint=zp)
         grid, grid_shape = north_up_grid(new_img, math.ceil(size * math.sqrt(2)) + 2)
