@@ -39,6 +39,7 @@ from torchmetrics import MaxMetric
 
 from rtcnn.metrics import DEFAULT_MATCH_RADIUS, detection_metrics
 from rtcnn.models.detector import (
+    DEFAULT_THRESHOLD,
     HEAT_SIGMA,
     REGRESS_RADIUS,
     decode,
@@ -52,7 +53,6 @@ __all__ = ["DEFAULT_LR", "DEFAULT_THRESHOLD", "DEFAULT_WEIGHT_DECAY", "Detection
 
 DEFAULT_LR = 2e-3  # AdamW learning rate
 DEFAULT_WEIGHT_DECAY = 1e-4  # AdamW weight decay
-DEFAULT_THRESHOLD = 0.5  # score threshold of the precision / recall metrics
 
 
 def true_brightened(batch: Mapping[str, Any], image: torch.Tensor) -> torch.Tensor:
