@@ -13,21 +13,19 @@ import pytest
 from astropy.table import Table
 
 from rtcnn.detect import main as detect_main
-from rtcnn.errors import RtcnnInputError
-from rtcnn.pipeline import PairOptions, files_checksum
-from rtcnn.survey import (
+from rtcnn.distribute import (
     CONF_CLUSTER,
     MANIFEST_NAME,
     MERGED_NAME,
     PLUGIN_NAME,
     cluster_config,
-    main,
     read_manifest,
     run_survey,
     survey_pairs,
 )
-
-distributed = pytest.importorskip("distributed")
+from rtcnn.errors import RtcnnInputError
+from rtcnn.pipeline import PairOptions, files_checksum
+from rtcnn.survey import main
 
 LOW = 0.01  # a threshold at which the untrained test detector reports a few candidates
 OPTIONS = PairOptions(threshold=LOW)
@@ -238,7 +236,7 @@ def test_a_worker_killed_mid_run_loses_nothing(small_pairs, tiny_detector_ckpt, 
                 busy = {w: ts for w, ts in c.processing().items() if ts}
                 if not busy:
                     return
-                worker = sorted(busy)[0]
+                worker = min(busy)
                 pid = c.run(os.getpid, workers=[worker])[worker]
                 killed.update(worker=worker, pid=pid, tasks=busy[worker])
                 os.kill(pid, signal.SIGKILL)
