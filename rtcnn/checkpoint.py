@@ -220,7 +220,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if "weights_only" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
             why = "it holds pickled objects other than weights, which are never unpickled"
         else:
-            why = f"{type(err).__name__}: {msg.splitlines()[0][:120]}" if msg else type(err).__name__
+            detail = f"{type(err).__name__}: {msg.splitlines()[0][:120]}" if msg else type(err).__name__
+            why = f"truncated or corrupt; {detail}"
         raise RtcnnInputError(path, f"not a readable PyTorch checkpoint ({why})") from None
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), Mapping):
         raise RtcnnInputError(path, "not a Lightning checkpoint (no 'state_dict' dict in it)")
