@@ -146,3 +146,23 @@ def test_single_pixel_hits_are_not_candidates():
     assert (30, 40) in got and (80, 90) not in got and (100, 20) not in got
     every = find_candidates(diff, sharp_max=1.0)  # kept when asked
     assert (80, 90) in set(zip(every.ix.tolist(), every.iy.tolist()))
+
+
+def test_the_numpy_stages_and_the_baseline_never_import_torch():
+    """difference, postprocess and measure are numpy/scipy only, so the classical baseline
+    starts without torch; the networks (rtcnn.models) import no stage, no I/O, no Lightning."""
+    import subprocess
+    import sys
+
+    def imported(modules, watch):
+        code = (f"import sys; import {', '.join(modules)}; "
+                f"print(' '.join(m for m in {watch!r} if m in sys.modules))")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stdout.split()
+
+    assert imported(["rtcnn.baseline", "rtcnn.difference", "rtcnn.postprocess", "rtcnn.measure"],
+                    ["torch"]) == []
+    assert imported(["rtcnn.models.detector", "rtcnn.models.attn5"],
+                    ["rtcnn.difference", "rtcnn.io", "rtcnn.inference", "lightning",
+                     "hydra"]) == []
