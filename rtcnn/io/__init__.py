@@ -11,11 +11,13 @@
 * :mod:`rtcnn.io.openuniverse` — the OpenUniverse 2024 RomanTDS files (layout, readers,
   pairing) converted to pair directories.
 * :mod:`rtcnn.io.asdf` — Roman Level-2 ASDF images (``roman_datamodels``, optional).
+* :mod:`rtcnn.io.remote` — remote archives through fsspec (``s3://`` anonymous): the
+  files the pairs need, mirrored once into a local cache for the readers above.
 
 Every user mistake raises :class:`rtcnn.errors.RtcnnInputError` naming the file.
 This package never imports torch. The names below are the public ones; the
-OpenUniverse and ASDF readers are imported from their modules (they pull in GalSim,
-reproject, roman_datamodels).
+OpenUniverse, ASDF and remote readers are imported from their modules (they pull in
+GalSim, reproject, roman_datamodels, s3fs).
 """
 
 from rtcnn.io.catalogs import read_table, read_truth

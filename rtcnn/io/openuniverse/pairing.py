@@ -13,10 +13,11 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
@@ -68,7 +69,8 @@ class OUExposure:
 
 
 def scan_ou(root: str | os.PathLike, bands: Iterable[str] | None = None,
-            obseq: str | os.PathLike | None = None) -> list[OUExposure]:
+            obseq: str | os.PathLike | None = None,
+            headers: Mapping[Path, fits.Header] | None = None) -> list[OUExposure]:
     """Index every OpenUniverse image under ``root``.
 
     Reads each image's headers (not its pixels) and truth table. The MJD comes from the
@@ -83,6 +85,11 @@ def scan_ou(root: str | os.PathLike, bands: Iterable[str] | None = None,
         Only these bands.
     obseq : path, optional
         Observation sequence file.
+    headers : mapping of pathlib.Path to astropy.io.fits.Header, optional
+        Image headers read beforehand (as :func:`read_ou_header` returns them), keyed by
+        image path under ``root``: those images are indexed, and need not exist yet
+        (:mod:`rtcnn.io.remote` reads headers off a remote archive and downloads only the
+        images of the chosen pairs). Truth tables are still read from ``root``.
 
     Returns
     -------
@@ -97,7 +104,10 @@ def scan_ou(root: str | os.PathLike, bands: Iterable[str] | None = None,
     if not root.is_dir():
         raise RtcnnInputError(root, "directory not found")
     base = root / IMAGE_DIR
-    files = sorted(f for f in base.glob("*/*/Roman_TDS_simple_model_*") if IMAGE_RE.match(f.name))
+    if headers is not None:
+        headers = {Path(f): h for f, h in headers.items()}
+    files = sorted(headers) if headers is not None else sorted(
+        f for f in base.glob("*/*/Roman_TDS_simple_model_*") if IMAGE_RE.match(f.name))
     wanted = None if bands is None else {b.upper() for b in bands}
     if wanted is not None:
         files = [f for f in files if parse_ou_name(f).band in wanted]
@@ -114,7 +124,7 @@ def scan_ou(root: str | os.PathLike, bands: Iterable[str] | None = None,
         if f.parent.name != str(key.pointing) or f.parent.parent.name.upper() != key.band:
             raise RtcnnInputError(f, f"lies in {f.parent.parent.name}/{f.parent.name}, not "
                                   f"{key.band}/{key.pointing}")
-        header = read_ou_header(f)
+        header = headers[f] if headers is not None else read_ou_header(f)
         mjd = _header_float(header, "MJD-OBS", f)
         exptime = _header_float(header, "EXPTIME", f)
         zptmag = header_zptmag(header, f)

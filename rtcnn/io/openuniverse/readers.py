@@ -118,8 +118,17 @@ def _hdu(hdul: fits.HDUList, name: str, index: int, path: Path):
 
 def _merged_header(hdul: fits.HDUList, path: Path) -> fits.Header:
     """The ``SCI`` header plus the HDU 0 keywords it lacks (a copy)."""
-    header = _hdu(hdul, SCI_HDU, 1, path).header.copy()
-    for card in hdul[0].header.cards:  # roman_imsim writes the same header everywhere
+    return merged_header(hdul[0].header, _hdu(hdul, SCI_HDU, 1, path).header)
+
+
+def merged_header(primary: fits.Header, sci: fits.Header) -> fits.Header:
+    """A copy of the ``SCI`` header with the HDU 0 (``primary``) keywords it lacks.
+
+    What :func:`read_ou_header` returns; :mod:`rtcnn.io.remote` builds it from the two
+    headers read off the start of a remote gzip stream.
+    """
+    header = sci.copy()
+    for card in primary.cards:  # roman_imsim writes the same header everywhere
         if card.keyword and card.keyword not in header and card.keyword not in (
                 "SIMPLE", "EXTEND", "NAXIS", "BITPIX"):
             header[card.keyword] = (card.value, card.comment)
@@ -375,6 +384,7 @@ __all__ = [
     "DQ_BAD_BITS",
     "UNIT",
     "header_zptmag",
+    "merged_header",
     "ou_zeropoint",
     "read_obseq",
     "read_ou_error",
