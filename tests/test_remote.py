@@ -271,6 +271,20 @@ def test_unreachable_or_missing_archive_is_one_line_naming_the_url(s3, bucket, t
                        r"\(EndpointConnectionError") as err:
         dead.prepare_data()
     assert time.perf_counter() - t0 < 10 and "\n" not in str(err.value)
+    # a pair list naming an image the archive lacks: the error names its URL, and the
+    # mirror keeps no partial or temporary file
+    from astropy.table import Table
+
+    bad = tmp_path / "bad.csv"
+    Table({"ref": ["Roman_TDS_simple_model_H158_0_3.fits.gz"],
+           "new": ["Roman_TDS_simple_model_H158_9_3.fits.gz"]}).write(bad)
+    dm = _datamodule(endpoint, tmp_path / "bad", pair_list=str(bad),
+                     pairs_dir=str(tmp_path / "bad-pairs"))
+    with pytest.raises(RtcnnInputError, match=rf"^{URL}/images/simple_model/H158/9/"
+                       r"Roman_TDS_simple_model_H158_9_3.fits.gz: not found"):
+        dm.prepare_data()
+    left = sorted(p.name for p in dm.ou_root.rglob("*") if p.is_file())
+    assert left == ["Roman_TDS_simple_model_H158_0_3.fits.gz"]
     # pointings / scas are for URL roots only
     with pytest.raises(RtcnnInputError, match="data.pointings / data.scas"):
         OpenUniverseDataModule(str(tmp_path), pointings=[1])
