@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help env demo test test-full test-gpu train bench format clean
+.PHONY: help env demo test test-full test-gpu train bench format clean models
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,32 @@ $(STAMP): pyproject.toml
 
 demo: env  ## simulate the default data (if absent), train attn5 briefly on CPU, evaluate
 	$(PY) -m rtcnn.demo
+
+# `make models`: the shipped models (rtcnn/models/weights/) regenerated from scratch. The
+# shipped detector is epoch DET_EPOCHS-1 of the recipe `experiment=dense trainer.max_epochs=5`
+# (its cosine schedule spans 5 epochs; the run is stopped after DET_EPOCHS); each epoch of
+# 12 full-SCA pairs took 26-29 min on the loaded 2-core CPU, the 12 training pairs ~20 min to
+# simulate, attn5 (trainer.max_time=null, early stopping) 29 min. Fresh test sets use sim
+# seed FRESH_SEED (the detector trains on seed 2, attn5 on seed 0).
+MODELS_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+MODELS_RUN ?= outputs/models/$(MODELS_STAMP)
+DET_EPOCHS ?= 3
+FRESH_SEED ?= 4242
+WEIGHTS    := rtcnn/models/weights
+FRESH       = $(MODELS_RUN)/fresh-epochs
+
+models: env  ## retrain the shipped models, measure them on fresh sims, export to rtcnn/models/weights/ (hours)
+	@test ! -e $(MODELS_RUN) || { echo "rtcnn: error: $(MODELS_RUN): exists; pass MODELS_RUN=<new dir>"; exit 2; }
+	$(PY) -m rtcnn.train experiment=dense trainer.max_epochs=$(DET_EPOCHS) model.scheduler.T_max=5 hydra.run.dir=$(MODELS_RUN)/dense
+	$(PY) -m rtcnn.train trainer.max_time=null hydra.run.dir=$(MODELS_RUN)/attn5
+	$(PY) -m rtcnn.sim $(FRESH) --pairs 1 --size 4088 --mode epochs --seed $(FRESH_SEED)
+	$(PY) -m rtcnn.detect $(FRESH)/pair_0000/ref.fits $(FRESH)/pair_0000/new.fits --model "$$(ls $(MODELS_RUN)/dense/checkpoints/epoch_*.ckpt)" -o $(FRESH)/dense.ecsv
+	$(PY) -m rtcnn.baseline $(FRESH)/pair_0000/ref.fits $(FRESH)/pair_0000/new.fits -o $(FRESH)/baseline.ecsv
+	$(PY) -m rtcnn.score $(FRESH)/dense.ecsv $(FRESH)/baseline.ecsv --truth $(FRESH)/pair_0000/truth.ecsv --json $(FRESH)/score.json
+	$(PY) -m rtcnn.evaluate "ckpt_path=$$(ls $(MODELS_RUN)/attn5/checkpoints/epoch_*.ckpt)" data.root=$(MODELS_RUN)/fresh-inject data.pairs=10 data.sim_seed=$(FRESH_SEED) data.val_fraction=0.0 data.test_fraction=0.9 'splits=[test]' eval_root=$(MODELS_RUN)/fresh-inject-eval
+	$(PY) -m rtcnn.export "$$(ls $(MODELS_RUN)/dense/checkpoints/epoch_*.ckpt)" -o $(WEIGHTS)/dense --overwrite --card fresh_test=$(FRESH)/score.json --set "fresh_test_set=python -m rtcnn.sim DIR --pairs 1 --size 4088 --mode epochs --seed $(FRESH_SEED)" --set "regenerate=make models DET_EPOCHS=$(DET_EPOCHS)" --set "description=default transient detector (rtcnn.detect)"
+	$(PY) -m rtcnn.export "$$(ls $(MODELS_RUN)/attn5/checkpoints/epoch_*.ckpt)" -o $(WEIGHTS)/attn5 --overwrite --card "fresh_test=$$(ls $(MODELS_RUN)/fresh-inject-eval/*/metrics.json)" --set "fresh_test_set=python -m rtcnn.sim DIR --pairs 10 --size 1024 --mode inject --seed $(FRESH_SEED) (9 test pairs)" --set "regenerate=make models" --set "description=default attn5, CPU recipe (rtcnn.evaluate model=attn5)"
+	$(PY) -m rtcnn.models
 
 test: env  ## run the fast test suite on CPU
 	@.ci/browser-deps $(PY)  # chromium + chromedriver + selenium for tests/test_vet.py, when missing

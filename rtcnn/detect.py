@@ -1,13 +1,16 @@
-"""``python -m rtcnn.detect REF.fits NEW.fits --ckpt CKPT -o candidates.ecsv``: pair → catalog.
+"""``python -m rtcnn.detect REF.fits NEW.fits -o candidates.ecsv``: pair → catalog.
 
 Runs the dense detector (``model=dense``, :mod:`rtcnn.inference`) on a reference/new
-pair and writes the candidate catalog (:mod:`rtcnn.catalog`: ``x``, ``y`` 0-based px,
+pair: the shipped one (``python -m rtcnn.models`` prints its card) unless
+``--model NAME|PATH`` names another shipped model, a bundle directory
+(``python -m rtcnn.export``) or a training checkpoint (``--ckpt`` is the same option);
+it writes the candidate catalog (:mod:`rtcnn.catalog`: ``x``, ``y`` 0-based px,
 ``ra``, ``dec`` deg from the new image's WCS, ``dmag`` mag, ``brightened``, ``score``,
 with the inputs, the model and the threshold in the metadata), and on request a DS9
 region file. ``--cutouts [N]`` and ``--alerts DIR`` also write cutouts and LSST Avro alert
 packets (:mod:`rtcnn.alerts`; an existing directory needs ``--overwrite``).
 
-Also ``python -m rtcnn.detect DIR_OR_GLOB --ckpt CKPT -o OUTDIR``: every pair found
+Also ``python -m rtcnn.detect DIR_OR_GLOB -o OUTDIR``: every pair found
 (:func:`rtcnn.io.find_pairs`) gives ``OUTDIR/<pair name>.ecsv`` (and ``.reg`` with
 ``--regions``); the next pair is read while the current one is processed.
 
@@ -56,6 +59,7 @@ from rtcnn.pipeline import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MODEL = "dense"  # the shipped detector (rtcnn/models/weights/dense/)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "of pairs) with the dense detector and write candidate catalogs (ECSV).",
     )
     add_pair_arguments(p)
-    p.add_argument("--ckpt", required=True, help="detector checkpoint (.ckpt)")
+    p.add_argument("--model", "--ckpt", dest="ckpt", default=DEFAULT_MODEL, metavar="NAME|PATH",
+                   help=f"a shipped detector (default: {DEFAULT_MODEL}; python -m rtcnn.models "
+                   "lists them), a bundle directory or a training checkpoint (.ckpt)")
     p.add_argument("--threshold", type=float, default=None,
                    help="minimum score (default: the checkpoint's, else 0.5)")
     p.add_argument("--mode", choices=MODES, default="auto",

@@ -19,6 +19,13 @@ The model class is ``model._target_`` (a :class:`rtcnn.tasks.LocalizationTask`);
 weights and hyperparameters come from the checkpoint (``load_from_checkpoint``).
 All logic is in :mod:`rtcnn.report` and the functions below; ``main`` only wires them.
 
+``model=NAME`` with no ``ckpt_path`` evaluates the shipped model ``NAME``
+(``python -m rtcnn.models``; e.g. ``python -m rtcnn.evaluate model=attn5 data.root=...``)
+and ``ckpt_path=`` also takes a bundle directory (``python -m rtcnn.export``) or a shipped
+name: the network and its weights come from the bundle, the task from ``model``, the data
+from ``data`` (composed), and the report goes to a new directory under ``eval_root`` (default
+``${paths.log_dir}/evaluate``).
+
 A checkpoint name with ``=`` (Lightning's ``epoch=3-step=120.ckpt``) must be quoted for
 Hydra's override parser: ``'ckpt_path="<run>/checkpoints/epoch=3-step=120.ckpt"'``.
 """
@@ -112,12 +119,8 @@ def check_checkpoint(ckpt_path) -> Path:
     return checkpoint.check_checkpoint(Path(str(ckpt_path)))
 
 
-def load_module(model_cfg: DictConfig, ckpt_path: str | Path, device: str = "cpu"):
-    """Load the LightningModule class ``model_cfg._target_`` from ``ckpt_path`` (eval mode).
-
-    The class must be a :class:`rtcnn.tasks.LocalizationTask` (the report needs
-    ``forward`` -> (B, 2) positions); weights and hyperparameters come from the checkpoint.
-    """
+def _task_class(model_cfg: DictConfig, source):
+    """The task class ``model_cfg._target_``: one the report handles, or one line."""
     target = str(model_cfg._target_)
     try:
         cls = hydra.utils.get_class(target)
@@ -125,8 +128,50 @@ def load_module(model_cfg: DictConfig, ckpt_path: str | Path, device: str = "cpu
         raise RtcnnInputError("model._target_", f"cannot import {target!r}") from None
     if not (isinstance(cls, type) and issubclass(cls, (LocalizationTask, ClassificationTask))):
         raise RtcnnInputError(
-            ckpt_path, f"was trained as {target}; rtcnn.evaluate reports localisation models "
+            source, f"was trained as {target}; rtcnn.evaluate reports localisation models "
             "(LocalizationTask, e.g. model=attn5); score detectors with rtcnn.detect / rtcnn.score")
+    return cls
+
+
+def load_bundle_module(model_cfg: DictConfig, source: str | Path, device: str = "cpu"):
+    """The task ``model_cfg._target_`` around the network of a bundle or shipped model.
+
+    The network (class, arguments, weights) is the bundle's (:func:`rtcnn.checkpoint.load_model`,
+    safetensors, no pickle); the task's other settings are ``model_cfg``'s.
+    """
+    cls = _task_class(model_cfg, source)
+    loaded = checkpoint.load_model(source)
+    module = hydra.utils.instantiate(model_cfg, net=loaded.net)
+    if not isinstance(module, cls):
+        raise RtcnnInputError("model._target_", f"did not build a {cls.__name__}")
+    return module.to(device).eval()
+
+
+def model_source(ckpt_path, model_name: str | None) -> tuple[str, Path | str]:
+    """What to evaluate: ``("checkpoint", path)`` or ``("bundle", bundle dir or shipped name)``.
+
+    ``ckpt_path`` unset and ``model=NAME`` a shipped model: that model. Otherwise
+    ``ckpt_path`` is a training checkpoint (checked, :func:`check_checkpoint`), a bundle
+    directory or a shipped model's name.
+    """
+    if ckpt_path in (None, "", "???"):
+        if model_name and model_name in checkpoint.shipped_models():
+            return "bundle", model_name
+        return "checkpoint", check_checkpoint(ckpt_path)
+    path = Path(str(ckpt_path))
+    if path.is_dir() or (not path.exists() and str(ckpt_path) in checkpoint.shipped_models()):
+        return "bundle", str(ckpt_path)
+    return "checkpoint", check_checkpoint(ckpt_path)
+
+
+def load_module(model_cfg: DictConfig, ckpt_path: str | Path, device: str = "cpu"):
+    """Load the LightningModule class ``model_cfg._target_`` from ``ckpt_path`` (eval mode).
+
+    The class must be a :class:`rtcnn.tasks.LocalizationTask` (the report needs
+    ``forward`` -> (B, 2) positions); weights and hyperparameters come from the checkpoint.
+    """
+    target = str(model_cfg._target_)
+    cls = _task_class(model_cfg, ckpt_path)
     try:
         module = cls.load_from_checkpoint(str(ckpt_path), map_location=device)
     except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
@@ -301,17 +346,27 @@ def check_options(cfg: DictConfig) -> str:
     return device
 
 
-def evaluate(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
-    """The whole command for a composed config: check, load, evaluate, write."""
+def evaluate(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (),
+             model_name: str | None = None) -> dict:
+    """The whole command for a composed config: check, load, evaluate, write.
+
+    ``model_name``: the ``model`` group's choice (``model=NAME``), a shipped model when no
+    ``ckpt_path`` is given.
+    """
     device = check_options(cfg)
-    ckpt = check_checkpoint(OmegaConf.select(cfg, "ckpt_path", default=None))
-    model_cfg = run_group_config(cfg, ckpt, "model", overrides)
-    module = load_module(model_cfg, ckpt, device)
-    data_cfg = run_group_config(cfg, ckpt, "data", overrides)
+    kind, ckpt = model_source(OmegaConf.select(cfg, "ckpt_path", default=None), model_name)
+    if kind == "bundle":  # the bundle's network; task and data as composed
+        model_cfg, data_cfg = cfg.model, cfg.data
+        module = load_bundle_module(model_cfg, ckpt, device)
+        meta = {"model_bundle": str(ckpt)}
+    else:
+        model_cfg = run_group_config(cfg, ckpt, "model", overrides)
+        module = load_module(model_cfg, ckpt, device)
+        data_cfg = run_group_config(cfg, ckpt, "data", overrides)
+        meta = {"checkpoint": str(ckpt.resolve()), "run_dir": str(run_dir_of(ckpt))}
     datamodule = hydra.utils.instantiate(data_cfg)
-    meta = {"checkpoint": str(ckpt.resolve()), "run_dir": str(run_dir_of(ckpt)),
-            "data": OmegaConf.to_container(data_cfg, resolve=True),
-            "model": str(model_cfg._target_)}
+    meta.update({"data": OmegaConf.to_container(data_cfg, resolve=True),
+                 "model": str(model_cfg._target_)})
     if isinstance(module, ClassificationTask):  # star/galaxy stamps: rtcnn.report_stargal
         from rtcnn import report_stargal
 
@@ -338,7 +393,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()
 def main(cfg: DictConfig) -> None:
     """Entry point: ``python -m rtcnn.evaluate ckpt_path=... [data=...] [eval_root=...]``."""
     hc = HydraConfig.get()
-    evaluate(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+    evaluate(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task),
+             model_name=hc.runtime.choices.get("model"))
 
 
 if __name__ == "__main__":

@@ -378,3 +378,45 @@ def fig_completeness(
     axn.set_xlabel("transient magnitude of the flux change (AB mag)")
     axn.set_ylabel("transients")
     return fig
+
+
+# --------------------------------------------------------------------------------------
+# Detection (make demo): the new image with the candidates marked
+# --------------------------------------------------------------------------------------
+
+
+def fig_candidates(image: np.ndarray, det_xy: np.ndarray, truth_xy: np.ndarray | None = None,
+                   title: str = "") -> Figure:
+    """The image with candidates (circles) and, optionally, true transients (squares).
+
+    Parameters
+    ----------
+    image : (ny, nx) float
+        The new image, shown with an asinh stretch (NaN drawn as the background).
+    det_xy : (N, 2) float
+        Candidate positions (x, y), 0-based px.
+    truth_xy : (M, 2) float, optional
+        True transient positions (x, y), 0-based px.
+    title : str
+        Axes title.
+    """
+    img = np.nan_to_num(np.asarray(image, dtype=np.float32))
+    fig = Figure(figsize=(8, 8))
+    ax = fig.add_subplot()
+    ax.imshow(img, origin="lower", cmap="gray", interpolation="nearest",
+              norm=simple_norm(img, "asinh", percent=ASINH_PERCENT))
+    det_xy = np.asarray(det_xy, dtype=float).reshape(-1, 2)
+    ax.scatter(det_xy[:, 0], det_xy[:, 1], s=120, facecolors="none", edgecolors="lime",
+               linewidths=1.0, label=f"candidates ({len(det_xy)})")
+    if truth_xy is not None:
+        truth_xy = np.asarray(truth_xy, dtype=float).reshape(-1, 2)
+        ax.scatter(truth_xy[:, 0], truth_xy[:, 1], s=220, marker="s", facecolors="none",
+                   edgecolors="red", linewidths=0.8, label=f"true transients ({len(truth_xy)})")
+    ax.set_xlim(-0.5, img.shape[1] - 0.5)
+    ax.set_ylim(-0.5, img.shape[0] - 0.5)
+    ax.set_xlabel("x (px)")
+    ax.set_ylabel("y (px)")
+    ax.legend(loc="upper right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig
