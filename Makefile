@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,sweep,roman]"  # test: romanisim for tests/test_asdf.py
 	@touch $(STAMP)
 
-demo: env  ## simulate the default data (if absent), train attn5 briefly on CPU, evaluate
+demo: env  ## simulate the default data (if absent), train attn5 briefly on CPU, evaluate, then detect on a fresh pair with the shipped detector
 	$(PY) -m rtcnn.demo
 
 # `make models`: the shipped models (rtcnn/models/weights/) regenerated from scratch. The

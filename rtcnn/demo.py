@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  checkpoint    : {ckpt}")
     if evals:
         print(f"  report        : {evals[-1]}  (metrics.json, predictions.ecsv, *.png)")
-    print(f"  TensorBoard   : tensorboard --logdir {run_dir / 'tensorboard'}")
-    print(f"  detection     : {found['catalog']} (shipped detector; python -m rtcnn.models)")
+    tensorboard = Path(sys.executable).with_name("tensorboard")  # the environment's, as printed
+    print(f"  TensorBoard   : {tensorboard} --logdir {run_dir / 'tensorboard'}")
+    print(f"  detection     : {found['catalog']} (shipped detector: {sys.executable} -m rtcnn.models)")
     print(f"                  {found['regions']} (DS9), {found['png']}, {found['score']}")
 
 
