@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,9 @@ def run_module(module: str, args: list[str], workdir: Path) -> Result:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as exit_:
             code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+        except Exception:  # noqa: BLE001 - an uncaught error: Python's traceback and exit 1
+            traceback.print_exc(file=buffer)
+            code = 1
         finally:
             logging.getLogger().handlers.clear()  # Hydra's file handlers point into workdir
             GlobalHydra.instance().clear()
