@@ -48,8 +48,9 @@ VENV_BIN = Path(sys.executable).parent  # the environment this suite runs in
 TRAIN_FAST = ["trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
               "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
               "data.num_workers=0", "data.persistent_workers=false", "data.progress=false",
-              "extras.print_config=false", "model.n_panels=0", "callbacks.report_figures=null"]
-ATTN5_SMALL = ["model.net.filters=[4,4,4,4,4]", "model.net.hidden=8"]
+              "extras.print_config=false", "callbacks.report_figures=null"]
+NO_PANELS = ["model.n_panels=0"]  # the TensorBoard panels of the localisation/detection tasks
+ATTN5_SMALL = ["model.net.filters=[4,4,4,4,4]", "model.net.hidden=8", *NO_PANELS]
 
 
 def tiny_data(tiny_sim: Path) -> list[str]:
@@ -128,11 +129,18 @@ COMMANDS: dict[str, Spec] = {
         writes=["my-attn5/model.safetensors", "my-attn5/card.json"]),
     "python -m rtcnn.train experiment=dense": Spec(
         extra=[*TRAIN_FAST, "data.root=pairs", "data.pairs=3", "data.size=256",
-               "data.sim_seed=2", *PAIRS_DATA, "model.net.channels=[4,4,4]",
+               "data.sim_seed=2", *PAIRS_DATA, *NO_PANELS, "model.net.channels=[4,4,4]",
                "model.net.head_channels=4"],
         reason="12 full SCA pairs, ~1 h: run on the README's pairs/ set, 1 short epoch"),
     "python -m rtcnn.train data=fits data.root='pairs/pair_*'": Spec(
         extra=[*TRAIN_FAST, *ATTN5_SMALL, *PAIRS_DATA]),
+    "python -m rtcnn.train experiment=stargal": Spec(
+        extra=[*TRAIN_FAST, "data.root=stargal-tiny", "data.pairs=3", "data.size=128",
+               "data.val_fraction=0.34", "data.test_fraction=0.34"],
+        writes=["outputs/stargal/runs/*/checkpoints/last.ckpt"]),
+    "python -m rtcnn.train experiment=autoencoder": Spec(
+        extra=[*TRAIN_FAST, *NO_PANELS, "TINY_DATA"],
+        writes=["outputs/autoencoder/runs/*/checkpoints/last.ckpt"]),
     "python -m rtcnn.train model=attn5 trainer=gpu": Spec("compose", reason="needs a CUDA GPU"),
     "python -m rtcnn.train experiment=paper": Spec(
         "compose", reason="a GPU run (7000 epochs); its result is in the README's table"),
