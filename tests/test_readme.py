@@ -471,3 +471,33 @@ def test_make_help_lists_every_target_as_the_readme_does():
     assert targets <= set(listed), f"targets without a ## description: {targets - set(listed)}"
     readme = dict(re.findall(r"^\| `make (\S+)` \| (.+?) \|$", README.read_text(), flags=re.MULTILINE))
     assert readme == listed, {"make help": listed, "README": readme}
+
+
+# ------------------------------------------------------------------ the module list
+def test_the_readme_names_every_module():
+    """The README's module table names every module of the package (a new one is added
+    there too): ``rtcnn/x.py`` itself, or ``x`` in the ``rtcnn/{a,b,...}.py`` row, and a
+    sub-package's modules in its ``rtcnn/pkg/`` row."""
+    text = README.read_text()
+    rows = {}
+    for row in re.findall(r"^\| (`rtcnn/.+?) \| (.+?) \|$", text, flags=re.MULTILINE):
+        for name in re.findall(r"`(rtcnn/[^`]+)`", row[0]):
+            rows[name] = row[1]
+    grouped = {m for name in rows for group in re.findall(r"\{(.+?)\}", name)
+               for m in group.split(",")}
+    missing = []
+    for path in sorted((REPO / "rtcnn").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        parts = rel.split("/")
+        if len(parts) == 2:  # rtcnn/x.py
+            if rel not in rows and path.stem not in grouped:
+                missing.append(rel)
+            continue
+        package = "/".join(parts[:-1]) + "/"
+        while package not in rows and package.count("/") > 2:
+            package = package.rsplit("/", 2)[0] + "/"
+        described = rows.get(package, "") + " " + " ".join(rows)
+        if path.name not in ("__init__.py", "__main__.py") and path.name not in described \
+                and path.stem not in rows.get(package, ""):
+            missing.append(rel)
+    assert not missing, f"modules the README's module table does not name: {missing}"
