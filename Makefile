@@ -35,7 +35,7 @@ demo: env  ## simulate the default data (if absent), train attn5 briefly on CPU,
 # seed FRESH_SEED (the detector trains on seed 2, attn5 on seed 0).
 MODELS_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 MODELS_RUN ?= outputs/models/$(MODELS_STAMP)
-DET_EPOCHS ?= 3
+DET_EPOCHS ?= 5
 FRESH_SEED ?= 4242
 WEIGHTS    := rtcnn/models/weights
 FRESH       = $(MODELS_RUN)/fresh-epochs
