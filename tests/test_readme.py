@@ -97,6 +97,10 @@ COMMANDS: dict[str, Spec] = {
     "python -m rtcnn.detect example/pair_0000/ref.fits example/pair_0000/new.fits -o cands.ecsv --regions": Spec(
         extra=["--no-progress"], writes=["cands.ecsv", "cands.reg"], check="catalog"),
     "python -m rtcnn.score cands.ecsv --truth example/pair_0000/truth.ecsv": Spec(),
+    "python -m rtcnn.sim rolled --pairs 1 --size 384 --mode survey --epochs 3 --seed 11": Spec(
+        extra=["--no-progress"], writes=["rolled/pair_0000/ref.fits"]),
+    "python -m rtcnn.detect rolled/pair_0000/ref.fits rolled/pair_0000/new.fits -o rolled.ecsv": Spec(  # noqa: E501
+        extra=["--no-progress"], writes=["rolled.ecsv"], check="aligned"),
     "python -m rtcnn.detect example/pair_0000/ref.fits example/pair_0000/new.fits -o vet.ecsv --alerts alerts --cutouts": Spec(
         extra=["--no-progress"], writes=["vet.ecsv"], check="alerts"),
     "python -m rtcnn.vet vet.ecsv -o page": Spec(extra=["--no-progress"],
@@ -372,6 +376,13 @@ def check_catalog(command, workdir, results, tmp_path):
     cat = Table.read(workdir / "cands.ecsv", format="ascii.ecsv")
     assert {"x", "y", "ra", "dec", "reliability", "flags"} <= set(cat.colnames)
     assert len(cat) > 0 and cat.meta.get("model")
+
+
+def check_aligned(command, workdir, results, tmp_path):
+    from astropy.table import Table
+
+    meta = Table.read(workdir / "rolled.ecsv", format="ascii.ecsv").meta
+    assert meta["align_method"] == "spline3" and meta["align_grid_offset_px"] > 1, meta
 
 
 def check_alerts(command, workdir, results, tmp_path):
