@@ -99,7 +99,7 @@ COMMANDS: dict[str, Spec] = {
     "python -m rtcnn.score cands.ecsv --truth example/pair_0000/truth.ecsv": Spec(),
     "python -m rtcnn.sim rolled --pairs 1 --size 384 --mode survey --epochs 3 --seed 11": Spec(
         extra=["--no-progress"], writes=["rolled/pair_0000/ref.fits"]),
-    "python -m rtcnn.detect rolled/pair_0000/ref.fits rolled/pair_0000/new.fits -o rolled.ecsv": Spec(  # noqa: E501
+    "python -m rtcnn.detect rolled/pair_0000/ref.fits rolled/pair_0000/new.fits -o rolled.ecsv": Spec(
         extra=["--no-progress"], writes=["rolled.ecsv"], check="aligned"),
     "python -m rtcnn.detect example/pair_0000/ref.fits example/pair_0000/new.fits -o vet.ecsv --alerts alerts --cutouts": Spec(
         extra=["--no-progress"], writes=["vet.ecsv"], check="alerts"),
