@@ -211,8 +211,13 @@ class Result:
 
 @contextlib.contextmanager
 def _argv_env(argv: list[str], workdir: Path):
-    old_argv, old_cwd = sys.argv, os.getcwd()
-    old_env = {k: os.environ.get(k) for k in ("PROJECT_ROOT", "HYDRA_MAIN_MODULE")}
+    """``sys.argv``, the working directory and ``PROJECT_ROOT`` of one command; the
+    environment and torch's thread count are restored after it (the rest of the suite
+    runs in this process too)."""
+    import torch
+
+    old_argv, old_cwd, old_env = sys.argv, os.getcwd(), dict(os.environ)
+    old_threads = torch.get_num_threads()
     sys.argv = argv
     os.chdir(workdir)
     os.environ["PROJECT_ROOT"] = str(workdir)
@@ -221,11 +226,9 @@ def _argv_env(argv: list[str], workdir: Path):
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(old_env)
+        torch.set_num_threads(old_threads)
 
 
 def run_module(module: str, args: list[str], workdir: Path) -> Result:
