@@ -28,11 +28,11 @@ demo: env  ## simulate the default data (if absent), train attn5 briefly on CPU,
 	$(PY) -m rtcnn.demo
 
 # `make models`: the shipped models (rtcnn/models/weights/) regenerated from scratch. The
-# shipped detector is epoch DET_EPOCHS-1 of the recipe `experiment=dense trainer.max_epochs=5`
-# (its cosine schedule spans 5 epochs; the run is stopped after DET_EPOCHS); each epoch of
-# 12 full-SCA pairs took 26-29 min on the loaded 2-core CPU, the 12 training pairs ~20 min to
-# simulate, attn5 (trainer.max_time=null, early stopping) 29 min. Fresh test sets use sim
-# seed FRESH_SEED (the detector trains on seed 2, attn5 on seed 0).
+# shipped detector is the recipe `experiment=dense trainer.max_epochs=5` (DET_EPOCHS < 5 stops
+# that 5-epoch cosine schedule early): 85 min for the 5 epochs on the shared, loaded 2-core
+# CPU (5-26 min an epoch with the load), plus ~20 min to simulate its 12 full-SCA pairs;
+# attn5 (trainer.max_time=null, early stopping) 29 min. Fresh test sets use sim seed
+# FRESH_SEED (the detector trains on seed 2, attn5 on seed 0).
 MODELS_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 MODELS_RUN ?= outputs/models/$(MODELS_STAMP)
 DET_EPOCHS ?= 5
@@ -49,8 +49,8 @@ models: env  ## retrain the shipped models, measure them on fresh sims, export t
 	$(PY) -m rtcnn.baseline $(FRESH)/pair_0000/ref.fits $(FRESH)/pair_0000/new.fits -o $(FRESH)/baseline.ecsv
 	$(PY) -m rtcnn.score $(FRESH)/dense.ecsv $(FRESH)/baseline.ecsv --truth $(FRESH)/pair_0000/truth.ecsv --json $(FRESH)/score.json
 	$(PY) -m rtcnn.evaluate "ckpt_path=$$(ls $(MODELS_RUN)/attn5/checkpoints/epoch_*.ckpt)" data.root=$(MODELS_RUN)/fresh-inject data.pairs=10 data.sim_seed=$(FRESH_SEED) data.val_fraction=0.0 data.test_fraction=0.9 'splits=[test]' eval_root=$(MODELS_RUN)/fresh-inject-eval
-	$(PY) -m rtcnn.export "$$(ls $(MODELS_RUN)/dense/checkpoints/epoch_*.ckpt)" -o $(WEIGHTS)/dense --overwrite --card fresh_test=$(FRESH)/score.json --set "fresh_test_set=python -m rtcnn.sim DIR --pairs 1 --size 4088 --mode epochs --seed $(FRESH_SEED)" --set "regenerate=make models DET_EPOCHS=$(DET_EPOCHS)" --set "description=default transient detector (rtcnn.detect)"
-	$(PY) -m rtcnn.export "$$(ls $(MODELS_RUN)/attn5/checkpoints/epoch_*.ckpt)" -o $(WEIGHTS)/attn5 --overwrite --card "fresh_test=$$(ls $(MODELS_RUN)/fresh-inject-eval/*/metrics.json)" --set "fresh_test_set=python -m rtcnn.sim DIR --pairs 10 --size 1024 --mode inject --seed $(FRESH_SEED) (9 test pairs)" --set "regenerate=make models" --set "description=default attn5, CPU recipe (rtcnn.evaluate model=attn5)"
+	$(PY) -m rtcnn.export "$$(ls $(MODELS_RUN)/dense/checkpoints/epoch_*.ckpt)" -o $(WEIGHTS)/dense --overwrite --card fresh_test=$(FRESH)/score.json --set "fresh_test_set=python -m rtcnn.sim DIR --pairs 1 --size 4088 --mode epochs --seed $(FRESH_SEED)" --set "regenerate=make models DET_EPOCHS=$(DET_EPOCHS)" --set "description=default transient detector (python -m rtcnn.detect REF NEW -o cands.ecsv)" --set "calibration=score (= reliability) is the heatmap peak, not a calibrated probability"
+	$(PY) -m rtcnn.export "$$(ls $(MODELS_RUN)/attn5/checkpoints/epoch_*.ckpt)" -o $(WEIGHTS)/attn5 --overwrite --card "fresh_test=$$(ls $(MODELS_RUN)/fresh-inject-eval/*/metrics.json)" --set "fresh_test_set=python -m rtcnn.sim DIR --pairs 10 --size 1024 --mode inject --seed $(FRESH_SEED) (9 test pairs)" --set "regenerate=make models" --set "description=default attn5, CPU recipe (python -m rtcnn.evaluate model=attn5)"
 	$(PY) -m rtcnn.models
 
 test: env  ## run the fast test suite on CPU
