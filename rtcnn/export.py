@@ -33,18 +33,16 @@ __all__ = ["build_parser", "main", "run_card", "run_metrics"]
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = Path(".hydra") / "config.yaml"  # a Hydra run's composed config
-RUN_OVERRIDES = Path(".hydra") / "overrides.yaml"  # its command-line overrides
-RUN_SEARCH_DEPTH = 4  # parents of the checkpoint searched for the run directory
+RUN_OVERRIDES = Path(".hydra") / "overrides.yaml"  # a Hydra run's command-line overrides
 CARD_CONFIG_KEYS = ("seed", "task_name", "data", "model", "trainer")  # run config kept
 
 
 def _run_dir(ckpt: Path) -> Path | None:
-    """The nearest of the checkpoint's first parents that holds a Hydra run config."""
-    for parent in list(ckpt.resolve().parents)[:RUN_SEARCH_DEPTH]:
-        if (parent / RUN_CONFIG).is_file():
-            return parent
-    return None
+    """The checkpoint's training run (:func:`rtcnn.evaluate.run_dir_of`) if it has a config."""
+    from rtcnn.evaluate import RUN_CONFIG, run_dir_of
+
+    run = run_dir_of(ckpt)
+    return run if (run / RUN_CONFIG).is_file() else None
 
 
 def run_metrics(run_dir: str | Path) -> dict[str, float]:
@@ -110,7 +108,7 @@ def run_card(ckpt: str | Path) -> dict[str, Any]:
             metrics[f"best_{cb['monitor']}"] = float(cb["best_model_score"])
     run = _run_dir(ckpt)
     if run is not None:
-        cfg = OmegaConf.load(run / RUN_CONFIG)
+        cfg = OmegaConf.load(run / RUN_OVERRIDES.with_name("config.yaml"))
         overrides = (list(OmegaConf.load(run / RUN_OVERRIDES))
                      if (run / RUN_OVERRIDES).is_file() else [])
         recipe["command"] = " ".join(["python -m rtcnn.train", *map(str, overrides)])
