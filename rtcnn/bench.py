@@ -47,8 +47,9 @@ To add one: write ``bench_x(args)``, register it with ``@register("x", add_args)
     ``rtcnn.detect`` on the same ``--survey-pairs`` pairs (links to one pair's files) of each
     ``--survey-sizes`` (default 1024 and 4088 px): end to end (the cluster start apart) and
     steady (between the first and the last pair finished); with one worker, the per-task
-    overhead (time between two pairs beyond a pair's own read + detect + write), whose
-    target is <= 5 % of a 4088 px pair.
+    overhead (from Dask's task stream: a pair task's compute time beyond the pair's own read
+    + detect + write, plus the idle gap before the next task), whose target is <= 5 % of a
+    4088 px pair.
 
 Torch CPU threads: ``--threads`` (default torch's choice, one per core); the count is
 recorded. With other processes on the machine torch's OpenMP threads spin and a step can
@@ -886,9 +887,11 @@ def bench_survey(args: argparse.Namespace) -> dict:
     import contextlib
     import io
 
+    from distributed import get_task_stream
+
     from rtcnn import detect
-    from rtcnn.pipeline import PairOptions
     from rtcnn.distribute import open_cluster, run_survey, survey_pairs
+    from rtcnn.pipeline import PairOptions
 
     device = str(_device(args))
     cores = os.cpu_count() or 1
@@ -925,10 +928,13 @@ def bench_survey(args: argparse.Namespace) -> dict:
                 done_at: list[float] = []
                 try:
                     t1 = time.perf_counter()
-                    summary = run_survey(survey_pairs(pairs_dir), work / f"survey{size}-{workers}",
-                                         client, ckpt, PairOptions(), threads=wthreads,
-                                         device=device, progress=False,
-                                         on_result=lambda row: done_at.append(time.perf_counter()))
+                    with get_task_stream(client) as stream:
+                        summary = run_survey(survey_pairs(pairs_dir),
+                                             work / f"survey{size}-{workers}", client, ckpt,
+                                             PairOptions(), threads=wthreads, device=device,
+                                             progress=False,
+                                             on_result=lambda row, ts=done_at: ts.append(
+                                                 time.perf_counter()))  # fmt: skip
                     wall = time.perf_counter() - t1
                 finally:
                     client.close()
@@ -943,10 +949,12 @@ def bench_survey(args: argparse.Namespace) -> dict:
                        "steady_pairs_per_hour": round(3600 / steady, 1),
                        "task_s_median": round(statistics.median(secs), 3),
                        "failed": len(summary.failed)}
-                if workers == 1:  # one task at a time: the gap beyond the pair's own work
+                if workers == 1:  # one task at a time: the worker's time beyond the pairs' work
+                    over = _task_overhead(stream.data, rows)
                     later = statistics.median(secs[:-1]) if len(secs) > 2 else secs[0]
-                    run["overhead_s_per_task"] = round(steady - later, 3)
-                    run["overhead_fraction"] = round((steady - later) / later, 4)
+                    run.update(over, overhead_s_per_task=over["task_overhead_s"],
+                               overhead_fraction=round(over["task_overhead_s"] / later, 4),
+                               client_steady_minus_pair_s=round(steady - later, 3))
                 entry["runs"][f"survey_{workers}w"] = run
                 print(f"  rtcnn.survey {workers} worker(s): {wall / n:7.2f} s/pair, "
                       f"{run['pairs_per_hour']:8.1f} pairs/h end to end (cluster start "
@@ -960,6 +968,28 @@ def bench_survey(args: argparse.Namespace) -> dict:
         res["targets"] = {f"overhead<={OVERHEAD_LIMIT:.0%}_of_4088_pair":
                           one["overhead_fraction"] <= OVERHEAD_LIMIT}
     return res
+
+
+def _task_overhead(stream: list[dict], rows: list[dict]) -> dict:
+    """Per-task survey overhead on one worker from Dask's task stream: the compute time of
+    each pair task beyond its pair's own seconds (``process_pair``: read, detect, write), and
+    the idle gap between one task's end and the next one's start (medians, s)."""
+    import itertools
+
+    seconds = {r["pair"]: r["seconds"] for r in rows}
+    spans = []
+    for task in stream:
+        pair = next((p for p in seconds if str(task["key"]).startswith(f"rtcnn-pair-{p}-")), None)
+        for ss in task.get("startstops", ()):
+            if ss["action"] == "compute" and pair is not None:
+                spans.append((ss["start"], ss["stop"], pair))
+    spans.sort()
+    extra = [stop - start - seconds[pair] for start, stop, pair in spans]
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+    extra_s = statistics.median(extra) if extra else float("nan")
+    gap_s = statistics.median(gaps) if gaps else 0.0
+    return {"task_compute_minus_pair_s": round(extra_s, 4), "task_gap_s": round(gap_s, 4),
+            "task_overhead_s": round(extra_s + gap_s, 4)}
 
 
 def _manifest_rows(outdir: Path) -> list[dict]:

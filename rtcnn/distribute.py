@@ -515,9 +515,9 @@ def run_survey(
                 if fut.status == "finished":
                     row = fut.result()
                     tables[pair.name] = row.pop("table")
-                else:
-                    err = fut.exception()
-                    row = _row(pair, "failed", _one_line(err))
+                else:  # error (after the retries) or cancelled (e.g. the scheduler went away)
+                    err = fut.exception() if fut.status == "error" else None
+                    row = _row(pair, "failed", _one_line(err) if err else f"task {fut.status}")
                     failed[pair.name] = row["error"]
                     log.warning("%s: failed: %s", pair.name, row["error"])
                 rows[pair.name] = row
@@ -544,6 +544,8 @@ def run_survey(
     names = [p.name for p in pairs]
     done_rows = [rows[n] for n in names if rows[n]["status"] == "done"]
     merged = merge_catalogs(done_rows, outdir / MERGED_NAME, config, tables) if done_rows else None
+    if merged is None and (outdir / MERGED_NAME).is_file():
+        (outdir / MERGED_NAME).unlink()  # no pair done now: no stale survey catalog
     seconds = np.array([r["seconds"] for r in done_rows], float)
     summary = SurveySummary(
         pairs=len(pairs), done=len(todo) - len(failed), skipped=len(skipped), failed=failed,

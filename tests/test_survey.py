@@ -50,6 +50,19 @@ def client():
         yield c
 
 
+@pytest.fixture(scope="module")
+def forkserver():
+    """Worker processes from a fork server that has imported rtcnn (and torch): they start in
+    a second instead of importing them again, and, unlike a plain fork of this
+    many-threaded process, cannot inherit a lock held by another thread."""
+    import dask
+    from distributed.utils import get_mp_context
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        get_mp_context().set_forkserver_preload(["distributed", "rtcnn.distribute"])
+        yield
+
+
 def assert_same_catalog(got: Table, want: Table) -> None:
     """Row for row, column for column (values and units), metadata but the timings."""
     assert got.colnames == want.colnames and len(got) == len(want)
@@ -211,22 +224,18 @@ def test_a_broken_pair_is_recorded_and_the_rest_finish(small_pairs, tiny_detecto
 
 
 def test_a_worker_killed_mid_run_loses_nothing(small_pairs, tiny_detector_ckpt, sequential,
-                                               tmp_path):
+                                               tmp_path, forkserver):
     """Worker processes (the kill needs one): SIGKILL a worker while it holds pair tasks.
 
-    The worker processes are forked from this one (which has torch and rtcnn imported), so
-    they start in a fraction of a second instead of importing them again; their torch runs
-    on one thread.
+    The worker processes come from the ``forkserver`` fixture; their torch runs on one thread.
     """
-    import dask
     from distributed import Client, LocalCluster
 
     pairs = survey_pairs(small_pairs)
     out = tmp_path / "survey"
     killed = {}
-    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                         dashboard_address=None) as cluster, Client(cluster) as c:  # fmt: skip
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as c:  # fmt: skip
         lock = threading.Lock()
 
         def kill(row):
@@ -304,3 +313,24 @@ def test_user_mistakes_exit_2(small_pairs, tiny_detector_ckpt, tmp_path, capsys)
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("rtcnn: error: ") and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_survey_case_records_rates_and_overhead(small_pairs, tiny_detector_ckpt,
+                                                      tmp_path, forkserver):
+    """``python -m rtcnn.bench survey`` on 3 copies of a 96 px pair, 1 worker."""
+    import json
+
+    from rtcnn.bench import main as bench_main
+
+    bench_main(["survey", "--data", str(small_pairs / "pair_0000"), "--survey-sizes", "96",
+                "--survey-pairs", "3", "--survey-workers", "1", "--ckpt",
+                str(tiny_detector_ckpt), "--threads", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench-survey.json").read_text())
+    runs = saved["survey"]["sizes"]["96"]["runs"]
+    assert set(runs) == {"sequential", "survey_1w"}
+    assert runs["sequential"]["pairs_per_hour"] > 0 and runs["survey_1w"]["failed"] == 0
+    one = runs["survey_1w"]
+    assert one["pairs_per_hour"] > 0 and one["task_s_median"] > 0
+    # the task stream was read: a pair task's compute span holds the pair's own work
+    assert 0 <= one["task_compute_minus_pair_s"] < 0.5 * one["task_s_median"]
+    assert np.isfinite(one["task_overhead_s"]) and np.isfinite(one["overhead_fraction"])
