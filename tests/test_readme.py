@@ -120,6 +120,8 @@ COMMANDS: dict[str, Spec] = {
                 "survey/survey.parquet", "survey/summary.json"]),
     "python -m rtcnn.survey /scratch/$USER/pairs.ecsv -o /scratch/$USER/survey --ckpt det.ckpt --device cuda --cluster slurm_gpu_example --workers 16": Spec(
         "parse", reason="needs a SLURM cluster with GPUs"),
+    "python -m rtcnn.models": Spec(check="models"),
+    "python -m rtcnn.models dense --json": Spec(check="models"),
     "python -m rtcnn.train": Spec(extra=[*TRAIN_FAST, *ATTN5_SMALL, "TINY_DATA"], check="train_run",
                                   writes=["outputs/train/runs/*/checkpoints/last.ckpt",
                                           "outputs/train/runs/*/tensorboard"]),
@@ -379,6 +381,14 @@ def check_catalog(command, workdir, results, tmp_path):
     cat = Table.read(workdir / "cands.ecsv", format="ascii.ecsv")
     assert {"x", "y", "ra", "dec", "reliability", "flags"} <= set(cat.colnames)
     assert len(cat) > 0 and cat.meta.get("model")
+
+
+def check_models(command, workdir, results, tmp_path):
+    out = results[command].output
+    if "--json" in command:
+        assert json.loads(out)["dense"]["threshold"] == 0.5, out[:500]
+    else:
+        assert "dense" in out and "attn5" in out, out[:500]
 
 
 def check_aligned(command, workdir, results, tmp_path):
