@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from rtcnn.pipeline import (
     PairResult,
     files_checksum,
     load_model,
+    load_pair,
     process_pair,
 )
 
@@ -175,6 +177,14 @@ class ModelPlugin(WorkerPlugin):
         self.model: Model | None = None
         self.error: str | None = None
         self.loads = 0  # times the model was loaded on this worker (tests: once)
+        self.lock = threading.Lock()  # one detection at a time; reads overlap it
+
+    def __getstate__(self):  # sent to the workers without the (unpicklable) lock
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
     def setup(self, worker) -> None:
         import torch
@@ -201,7 +211,7 @@ def _int_or_none(value) -> int | None:
         return None
 
 
-def _worker_model() -> tuple[Model, str]:
+def _worker_plugin() -> tuple[ModelPlugin, str]:
     from distributed import get_worker
 
     worker = get_worker()
@@ -210,19 +220,31 @@ def _worker_model() -> tuple[Model, str]:
         raise RuntimeError("the rtcnn model plugin is not registered on this worker")
     if plugin.model is None:
         raise RuntimeError(f"the worker could not load the detector: {plugin.error}")
-    return plugin.model, str(worker.name)
+    return plugin, str(worker.name)
 
 
 def run_pair(pair: SurveyPair, options: PairOptions, outputs: PairOutputs) -> dict:
     """The Dask task of one pair: :func:`rtcnn.pipeline.process_pair` with the worker's model.
 
+    The pair is read (and aligned) first, then detected under the worker's lock: with two
+    Dask threads per worker (``threads_per_worker`` / ``cores`` in ``conf/cluster/*.yaml``;
+    the default is one) one task reads its pair while the other one's detection runs, as
+    ``rtcnn.detect`` prefetches the next pair.
+
     Returns
     -------
     dict
-        The manifest row of the pair (status ``done``) and, under ``table``, its catalog.
+        The manifest row of the pair (status ``done``; ``seconds`` = read + detect + write,
+        without the wait for the lock) and, under ``table``, its catalog.
     """
-    model, worker = _worker_model()
-    result = process_pair(pair.ref, pair.new, model, options, outputs, name=pair.name)
+    plugin, worker = _worker_plugin()
+    t0 = time.perf_counter()
+    images = load_pair(pair.ref, pair.new)
+    read_s = time.perf_counter() - t0
+    with plugin.lock:
+        result = process_pair(pair.ref, pair.new, plugin.model, options, outputs,
+                              name=pair.name, images=images)  # fmt: skip
+    result = dataclasses.replace(result, seconds=result.seconds + read_s)
     files = [*result.files, *_product_files(outputs)]
     checksum = result.checksum if len(files) == len(result.files) else files_checksum(files)
     return {**_done_row(pair, result, worker, files, checksum), "table": result.table}
@@ -430,7 +452,7 @@ def run_survey(
         torch CPU threads per worker.
     device : str
         Device of the workers: ``cpu``, ``cuda`` or ``cuda:N``; with CUDA every task asks
-        for the worker resource ``GPU=1``.
+        for half of the worker resource ``GPU=1`` (the worker lock serialises detections).
     progress : bool
         tqdm progress bar.
     on_result : callable, optional
@@ -495,7 +517,8 @@ def run_survey(
     failed: dict[str, str] = {}
     interrupted = False
     if todo:
-        resources = {"GPU": 1} if device.startswith("cuda") else None
+        # half a GPU: two tasks per GPU worker, one reading while the other detects (lock)
+        resources = {"GPU": 0.5} if device.startswith("cuda") else None
         plugin = ModelPlugin(os.path.abspath(ckpt), device, threads)
         _register(client, plugin)
         futures = {}
@@ -566,7 +589,7 @@ def _register(client, plugin: ModelPlugin) -> None:
 
 
 def _check_gpu_workers(client) -> None:
-    """With CUDA every task asks for ``GPU=1``: refuse a cluster whose workers offer none
+    """With CUDA every task asks for the resource ``GPU``: refuse a cluster whose workers offer none
     (the tasks would wait for ever). Workers still to come (SLURM jobs in the queue) pass."""
     workers = client.scheduler_info().get("workers", {})
     if workers and not any((w.get("resources") or {}).get("GPU") for w in workers.values()):

@@ -17,7 +17,8 @@ command line.
     scheduler (``tcp://host:8786``, or a scheduler JSON file).
 ``--device cuda``
     One worker per GPU: workers carry the Dask resource ``GPU=1`` and every pair task asks
-    for it.
+    for half of it (two tasks per worker: one reads its pair while the other detects;
+    detections never overlap on a GPU).
 
 ``OUTDIR`` holds::
 
