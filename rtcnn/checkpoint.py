@@ -46,6 +46,7 @@ from rtcnn.io.pairdir import atomic_write
 __all__ = [
     "BUNDLE_CARD",
     "BUNDLE_WEIGHTS",
+    "DEFAULT_DETECTOR",
     "NETWORKS",
     "SHIPPED_DIR",
     "LoadedModel",
@@ -58,6 +59,8 @@ __all__ = [
     "resolve_source",
     "shipped_models",
 ]
+
+DEFAULT_DETECTOR = "dense"  # the shipped detector the commands use (rtcnn/models/weights/dense/)
 
 # rtcnn's own networks: the only classes a checkpoint or bundle may name.
 # ``_target_`` string -> (module, class name); both the defining module and the package

@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rtcnn.alerts import DEFAULT_CUTOUT_SIZE, check_alert_dir
+from rtcnn.checkpoint import DEFAULT_DETECTOR
 from rtcnn.cli import (
     add_pair_arguments,
     check_outputs,
@@ -59,7 +60,6 @@ from rtcnn.pipeline import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "dense"  # the shipped detector (rtcnn/models/weights/dense/)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "of pairs) with the dense detector and write candidate catalogs (ECSV).",
     )
     add_pair_arguments(p)
-    p.add_argument("--model", "--ckpt", dest="ckpt", default=DEFAULT_MODEL, metavar="NAME|PATH",
-                   help=f"a shipped detector (default: {DEFAULT_MODEL}; python -m rtcnn.models "
+    p.add_argument("--model", "--ckpt", dest="ckpt", default=DEFAULT_DETECTOR, metavar="NAME|PATH",
+                   help=f"a shipped detector (default: {DEFAULT_DETECTOR}; python -m rtcnn.models "
                    "lists them), a bundle directory or a training checkpoint (.ckpt)")
     p.add_argument("--threshold", type=float, default=None,
                    help="minimum score (default: the checkpoint's, else 0.5)")

@@ -1,4 +1,4 @@
-"""``python -m rtcnn.survey PAIRS -o OUTDIR --ckpt CKPT``: detection over many pairs on Dask.
+"""``python -m rtcnn.survey PAIRS -o OUTDIR [--model NAME|PATH]``: detection over many pairs on Dask.
 
 Every pair is one Dask task (:mod:`distributed`) that runs :func:`rtcnn.pipeline.process_pair`
 (read, align, detect, measure, write the catalog) on a worker; the detector is loaded once
@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from rtcnn.alerts import DEFAULT_CUTOUT_SIZE
+from rtcnn.checkpoint import DEFAULT_DETECTOR, resolve_source
 from rtcnn.distribute import DEFAULT_RETRIES, open_cluster, run_survey, survey_pairs
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 from rtcnn.pipeline import DMAG_SOURCES, MODES, PRECISIONS, PairOptions
@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory or glob of pair directories, or a pair list (ECSV/CSV "
                    "with ref and new columns)")  # fmt: skip
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
-    p.add_argument("--ckpt", required=True, help="detector checkpoint (.ckpt)")
+    p.add_argument("--model", "--ckpt", dest="ckpt", default=DEFAULT_DETECTOR, metavar="NAME|PATH",
+                   help=f"a shipped detector (default: {DEFAULT_DETECTOR}), a bundle directory or "
+                   "a training checkpoint (.ckpt)")
     p.add_argument("--cluster", default="local",
                    help="local (default), slurm, a conf/cluster/<name>.yaml name or YAML "
                    "path, or a scheduler address / scheduler JSON file")  # fmt: skip
@@ -121,8 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise RtcnnInputError(None, f"--retries must be >= 0, got {args.retries}")
     if args.threads is not None and args.threads < 1:
         raise RtcnnInputError(None, f"--threads must be >= 1, got {args.threads}")
-    if not os.path.isfile(args.ckpt):
-        raise RtcnnInputError(args.ckpt, "no such checkpoint file")
+    resolve_source(args.ckpt)  # a missing model is one line before any cluster starts
     pairs = survey_pairs(args.pairs)
     device = _device(args.device)
     client, cluster, threads = open_cluster(args.cluster, args.workers, device, args.threads)
