@@ -80,7 +80,9 @@ def test_experiment_autoencoder_trains_with_attn5_metrics(tiny_sim, tmp_path):
     from rtcnn.train import train
 
     cfg = compose_train(["experiment=autoencoder", "trainer=debug", "logger=csv",
-                         *tiny_overrides(tiny_sim, tmp_path)], tmp_path / "run")
+                         *tiny_overrides(tiny_sim, tmp_path), "trainer.max_epochs=2",
+                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                         "trainer.limit_test_batches=1"], tmp_path / "run")
     metrics, objects = train(cfg)
     for key in ("test/within1px", "test/within2px", "test/within5px", "train/recon_loss",
                 "val/within2px_best"):
