@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -294,18 +293,8 @@ def write_report(
     for name, fig in report.report_figures(test).items():
         plots.save_figure(fig, out / f"{name}.png")
     atomic_write(out / "metrics.json", False, lambda tmp: Path(tmp).write_text(
-        json.dumps(_jsonable(result), indent=2)))
+        json.dumps(report.jsonable(result), indent=2)))
     return result
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return float(f"{obj:.7g}") if np.isfinite(obj) else None  # float32 metrics: 7 digits
-    return obj
 
 
 def metric_lines(result: dict) -> list[str]:

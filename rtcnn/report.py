@@ -428,3 +428,17 @@ class ReportFigures(Callback):
         for name, fig in report_figures(pred).items():
             for w in writers:
                 w.add_figure(f"report/{name}", fig, global_step=trainer.global_step, close=False)
+
+
+def jsonable(obj):
+    """``obj`` with numpy scalars made plain and floats rounded to 7 significant digits
+    (float32 metrics), NaN/inf as None: ready for :func:`json.dumps` (``metrics.json``)."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(f"{obj:.7g}") if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

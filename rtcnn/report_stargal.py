@@ -50,6 +50,7 @@ from rtcnn.catalog import atomic_write
 from rtcnn.data.stamps import CLASSES
 from rtcnn.errors import RtcnnInputError
 from rtcnn.plots import save_figure
+from rtcnn.report import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +477,7 @@ def write_classification_report(module: torch.nn.Module, datamodule, out_dir, sp
         save_figure(fig, out / f"{name}.png")
     result["shap"] = _write_shap(module, pred, out / "worst")
     _write(out / "metrics.json", lambda tmp: Path(tmp).write_text(
-        json.dumps(_jsonable(result), indent=2)))
+        json.dumps(jsonable(result), indent=2)))
     return result
 
 
@@ -498,18 +499,6 @@ def _write_shap(module, pred: StampPredictions, folder: Path) -> str:
                     folder / f"{name}.png")
         np.save(folder / f"{name}_stamp.npy", images[k])
     return f"{len(values)} SHAP panels in {folder.name}/"
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(f"{obj:.7g}") if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def metric_lines(result: dict) -> list[str]:
