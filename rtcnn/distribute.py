@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from rtcnn import __version__
 from rtcnn.alerts import DEFAULT_CUTOUT_SIZE
+from rtcnn.checkpoint import resolve_source
 from rtcnn.errors import RtcnnInputError
 from rtcnn.io import find_pairs
 from rtcnn.io.pairdir import atomic_write
@@ -393,7 +394,12 @@ def survey_config(ckpt: str | os.PathLike, options: PairOptions, regions: bool,
     """The settings that make a survey's outputs what they are (compared on a rerun)."""
     opts = dataclasses.asdict(options)
     opts.pop("overwrite")
-    digest = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
+    path = Path(ckpt)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    sha = hashlib.sha256()
+    for f in files:  # a checkpoint file, or a bundle's weights and card
+        sha.update(f.read_bytes())
+    digest = sha.hexdigest()
     return {"ckpt": os.path.abspath(ckpt), "ckpt_sha256": digest, "options": opts,
             "regions": bool(regions), "products": {"alerts": bool(alerts), "cutouts": cutouts},
             "rtcnn": __version__}  # fmt: skip
@@ -480,6 +486,7 @@ def run_survey(
     catdir = outdir / CATALOG_DIR
     manifest_path = outdir / MANIFEST_NAME
     load_model(ckpt, "cpu")  # a bad checkpoint is one line here, not a failure per pair
+    ckpt = resolve_source(ckpt)[1]  # a shipped name -> its bundle directory (workers load it)
     if device.startswith("cuda"):
         _check_gpu_workers(client)
     config = survey_config(ckpt, options, regions, alerts, cutouts)

@@ -334,3 +334,15 @@ def test_bench_survey_case_records_rates_and_overhead(small_pairs, tiny_detector
     # the task stream was read: a pair task's compute span holds the pair's own work
     assert 0 <= one["task_compute_minus_pair_s"] < 0.5 * one["task_s_median"]
     assert np.isfinite(one["task_overhead_s"]) and np.isfinite(one["overhead_fraction"])
+
+
+def test_the_shipped_detector_is_the_default_model(small_pairs, client, tmp_path, capsys):
+    out = tmp_path / "survey"
+    address = client.scheduler.address
+    args = [str(small_pairs), "-o", str(out), "--cluster", address, "--no-progress"]
+    assert main(args) == 0
+    rows, config = read_manifest(out / MANIFEST_NAME)
+    assert {r["status"] for r in rows.values()} == {"done"} and len(rows) == 6
+    assert config["ckpt"].endswith(os.path.join("weights", "dense"))
+    assert main(args) == 0  # a rerun with the same shipped model does no work
+    assert "0 done, 6 skipped (already done)" in capsys.readouterr().out
