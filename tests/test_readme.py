@@ -114,11 +114,11 @@ COMMANDS: dict[str, Spec] = {
     "python -m rtcnn.detect pairs -o pairs-cands": Spec(
         extra=["--no-progress"], writes=["pairs-cands/pair_0000.ecsv",
                                          "pairs-cands/pair_0002.ecsv"]),
-    "python -m rtcnn.survey pairs -o survey --ckpt det.ckpt --workers 2": Spec(
+    "python -m rtcnn.survey pairs -o survey --workers 2": Spec(
         extra=["--cluster", "inproc.yaml", "--no-progress"], check="survey",
         writes=["survey/catalogs/pair_0000.ecsv", "survey/manifest.parquet",
                 "survey/survey.parquet", "survey/summary.json"]),
-    "python -m rtcnn.survey /scratch/$USER/pairs.ecsv -o /scratch/$USER/survey --ckpt det.ckpt --device cuda --cluster slurm_gpu_example --workers 16": Spec(
+    "python -m rtcnn.survey /scratch/$USER/pairs.ecsv -o /scratch/$USER/survey --device cuda --cluster slurm_gpu_example --workers 16": Spec(
         "parse", reason="needs a SLURM cluster with GPUs"),
     "python -m rtcnn.models": Spec(check="models"),
     "python -m rtcnn.models dense --json": Spec(check="models"),
@@ -303,10 +303,9 @@ def parse_only(words: list[str]) -> None:
 
 # ------------------------------------------------------------------ the run, once
 @pytest.fixture(scope="session")
-def readme_run(tmp_path_factory, tiny_sim, tiny_detector_ckpt):
+def readme_run(tmp_path_factory, tiny_sim):
     """Every README command run in order in one fresh directory: {command: Result}."""
     workdir = tmp_path_factory.mktemp("readme")
-    shutil.copy(tiny_detector_ckpt, workdir / "det.ckpt")  # the README's det.ckpt
     (workdir / "inproc.yaml").write_text(
         "kind: local\nworkers: null\nthreads: 1\ncluster:\n  processes: false\n"
         "  threads_per_worker: 1\n  dashboard_address: null\n")
