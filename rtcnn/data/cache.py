@@ -31,8 +31,15 @@ from torch.utils.data import Dataset, get_worker_info
 from tqdm.auto import tqdm
 
 from rtcnn.augment import apply_batch
-from rtcnn.data.dataset import EpochSampler, TileLoader, _split_keys, as_tensors, collate_tiles
-from rtcnn.data.dataset import d4_elements
+from rtcnn.data.datamodule import SplitLoaders
+from rtcnn.data.dataset import (
+    EpochSampler,
+    TileLoader,
+    _split_keys,
+    as_tensors,
+    collate_tiles,
+    d4_elements,
+)
 from rtcnn.errors import CommandParser, RtcnnInputError, cli_main
 
 __all__ = ["CACHE_VERSION", "CachedTiles", "TileCacheDataModule", "export_tiles",
@@ -186,7 +193,7 @@ class CachedTiles(Dataset):
         return batch
 
 
-class TileCacheDataModule(L.LightningDataModule):
+class TileCacheDataModule(SplitLoaders, L.LightningDataModule):
     """Train / val / test tiles from a cache written by :func:`export_tiles` (``data=tilecache``).
 
     Parameters
@@ -252,18 +259,6 @@ class TileCacheDataModule(L.LightningDataModule):
             sampler=EpochSampler(len(ds), shuffle=shuffle, seed=self.seed),
             collate_fn=collate_tiles, num_workers=workers,
             drop_last=bool(self.hparams.drop_last) and shuffle and len(ds) > self.batch_size)
-
-    def train_dataloader(self) -> TileLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> TileLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> TileLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> TileLoader:
-        return self._loader("test", shuffle=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

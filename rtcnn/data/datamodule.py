@@ -49,7 +49,7 @@ from rtcnn.tiles import TILE_OVERLAP, TILE_SIZE
 log = logging.getLogger(__name__)
 
 __all__ = ["SPLITS", "SPLIT_MODES", "FitsDataModule", "PairDataModule", "SimDataModule",
-           "split_pairs", "split_regions"]
+           "SplitLoaders", "split_pairs", "split_regions"]
 
 SPLITS = ("train", "val", "test")
 SPLIT_MODES = ("pair", "region")
@@ -119,7 +119,24 @@ def _plain(value):
     return value
 
 
-class PairDataModule(L.LightningDataModule):
+class SplitLoaders:
+    """The four Lightning loader hooks of a data module that has ``_loader(split, shuffle)``:
+    train shuffled, val and test in order, predict = test (the grid of the test split)."""
+
+    def train_dataloader(self) -> TileLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> TileLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> TileLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> TileLoader:
+        return self._loader("test", shuffle=False)
+
+
+class PairDataModule(SplitLoaders, L.LightningDataModule):
     """Tiles of image pairs, split by pair, streamed from memory-mapped FITS.
 
     Subclasses say where the pairs are (:meth:`find_pairs`) and may create them
@@ -314,17 +331,6 @@ class PairDataModule(L.LightningDataModule):
             collate_fn=collate_tiles, num_workers=workers, pin_memory=bool(hp.pin_memory),
             drop_last=bool(hp.drop_last) and shuffle and len(ds) > self.batch_size, **extra)
 
-    def train_dataloader(self) -> TileLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> TileLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> TileLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> TileLoader:
-        return self._loader("test", shuffle=False)
 
 
 class FitsDataModule(PairDataModule):

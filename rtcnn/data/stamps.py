@@ -58,6 +58,7 @@ from rtcnn.data.datamodule import (
     FitsDataModule,
     PairDataModule,
     SimDataModule,
+    SplitLoaders,
     _plain,
     split_pairs,
 )
@@ -356,7 +357,7 @@ class StampDataset(TileDataset):
         return batch if in_worker else as_tensors(batch)
 
 
-class StampDataModule(L.LightningDataModule):
+class StampDataModule(SplitLoaders, L.LightningDataModule):
     """``data=stamps``: labelled star/galaxy stamps of image pairs, split by pair.
 
     Parameters
@@ -490,7 +491,3 @@ class StampDataModule(L.LightningDataModule):
     # the loaders of the pair DataModules (same hparams names): seeded EpochSampler,
     # TileLoader (tensors, resumable), optional workers
     _loader = PairDataModule._loader
-    train_dataloader = PairDataModule.train_dataloader
-    val_dataloader = PairDataModule.val_dataloader
-    test_dataloader = PairDataModule.test_dataloader
-    predict_dataloader = PairDataModule.predict_dataloader
